@@ -1,0 +1,37 @@
+// Divergence family, C++ CPU kernels: the parameters of one call and the per-ISA row kernels.
+// The row kernel (divergence_kernel.h) is compiled once per instruction set
+// (divergence_{avx512,avx2,default}.cpp); divergence.cpp picks one at run time.
+#pragma once
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+namespace kdkernels::cpu {
+
+// Canonical modes; P is the teacher's distribution and Q the student's, swapped if `swap`.
+enum DivergenceMode : int64_t { kKL = 0, kSkew = 1, kJSD = 2, kTVD = 3 };
+
+struct DivergenceParams {
+  const void* student;  // (n_rows, vocab) rows; row stride below, unit column stride
+  const void* teacher;
+  int64_t student_stride, teacher_stride;
+  c10::ScalarType student_dtype, teacher_dtype;
+  void* grad_student;  // contiguous (n_rows, vocab) in the student's dtype, or nullptr
+  void* grad_teacher;  // likewise for the teacher
+  const float* row_weight;  // w_i: masks, T², 1/denominator; 0 = dropped row
+  float* loss_rows;         // out: w_i · L_i
+  int64_t n_rows, vocab;
+  int64_t mode;
+  bool swap, taid;
+  float mix, temperature, lam;  // mix = α or β (weight of P); lam = TAID's λ
+  float c_p, c_q;               // gradient coefficients of the P and Q sides
+  float gs_factor, gt_factor;   // d(logits/T)/d(logits) (× λ for the teacher)
+};
+
+using DivergenceRowsFn = void (*)(const DivergenceParams&, int64_t row_begin, int64_t row_end);
+
+void divergence_rows_default(const DivergenceParams&, int64_t, int64_t);
+void divergence_rows_avx2(const DivergenceParams&, int64_t, int64_t);
+void divergence_rows_avx512(const DivergenceParams&, int64_t, int64_t);
+
+}  // namespace kdkernels::cpu

@@ -1,0 +1,39 @@
+// The divergence row kernel for AVX-512 (chosen at run time when the CPU has it).
+#if defined(__x86_64__) && !defined(_MSC_VER)
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+// `#pragma GCC target` enables the instructions but not their feature macros, which
+// sleef.h and ATen's vec headers test: define them for this file only.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#define KD_ROWS_FN divergence_rows_avx512
+#include "divergence_kernel.h"
+#else
+#include "divergence.h"
+namespace kdkernels::cpu {
+void divergence_rows_avx512(const DivergenceParams& p, int64_t b, int64_t e) { divergence_rows_default(p, b, e); }
+}  // namespace kdkernels::cpu
+#endif

@@ -1,0 +1,256 @@
+// Row kernel of the divergence family, written once with ATen's Vectorized<float> and
+// compiled per instruction set: the including file defines CPU_CAPABILITY(_X) and
+// KD_ROWS_FN. Math and names follow kdkernels/triton_kernels/divergence.py:
+//   pass 1  rows → fp32 scratch X (P logits / T) and Y (Q logits / T), padded with −inf; maxima
+//   pass 2  EX = exp(X − max X), EY = exp(Y − max Y) and their sums → log-sum-exps
+//   pass 3  P, Q, log P, log Q; U_P, U_Q (stored over X, Y), the loss, ΣU_P, ΣU_Q
+//           (KL with only the Q side wanted: g_Q = Q − P is written here; no pass 4)
+//   pass 4  g_P = c_P·(U_P − P·ΣU_P),  g_Q = c_Q·(U_Q − Q·ΣU_Q), written in the input dtype
+// A row of V floats ×4 stays in L2 for V up to ~32k, so DRAM sees each input once and each
+// gradient once. Every x·log-ratio is 0 where x == 0: no NaN from −inf logits or underflow.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "divergence.h"
+
+namespace kdkernels::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline Vec xlr(const Vec& x, const Vec& lx, const Vec& ly) {  // x·(lx − ly), 0 where x == 0
+  return Vec::blendv(Vec(0.f), x * (lx - ly), x > Vec(0.f));
+}
+
+inline Vec log_mix(float log_w, float log_1mw, const Vec& lx, const Vec& ly) {
+  // log(w·x + (1−w)·y) from log x, log y, in log space: no log 0 when both underflow.
+  const Vec u = lx + Vec(log_w), v = ly + Vec(log_1mw);
+  const Vec hi = at::vec::maximum(u, v), lo = at::vec::minimum(u, v);
+  const Vec hi_is_ninf = hi == Vec(kNegInf);
+  const Vec safe_hi = Vec::blendv(hi, Vec(0.f), hi_is_ninf);
+  return Vec::blendv(hi + (lo - safe_hi).exp().log1p(), hi, hi_is_ninf);
+}
+
+void store_row_any(c10::ScalarType dt, void* base, int64_t row, int64_t n, const float* src) {
+  switch (dt) {
+    case c10::ScalarType::Float:
+      std::memcpy(static_cast<float*>(base) + row * n, src, n * sizeof(float));
+      return;
+    case c10::ScalarType::BFloat16:
+      at::vec::convert(src, static_cast<c10::BFloat16*>(base) + row * n, n);
+      return;
+    default:
+      at::vec::convert(src, static_cast<c10::Half*>(base) + row * n, n);
+  }
+}
+
+void zero_row_any(c10::ScalarType dt, void* base, int64_t row, int64_t n) {
+  const size_t bytes = c10::elementSize(dt);
+  std::memset(static_cast<char*>(base) + row * n * bytes, 0, n * bytes);
+}
+
+// P, Q, U_P, U_Q and the loss term of one vector of a row (see the file comment).
+struct Terms {
+  Vec p, q, up, uq, el;
+};
+
+template <int64_t kMode>
+inline Terms terms(const Vec& x, const Vec& y, const Vec& ex, const Vec& ey, float lse_x,
+                   float lse_y, float inv_zx, float inv_zy, float mix, float log_w, float log_1mw) {
+  Terms r;
+  const Vec lp = x - Vec(lse_x), lq = y - Vec(lse_y);
+  r.p = ex * Vec(inv_zx);
+  r.q = ey * Vec(inv_zy);
+  if constexpr (kMode == kKL) {
+    r.up = xlr(r.p, lp, lq);
+    r.uq = Vec(0.f) - r.p;
+    r.el = r.up;
+  } else if constexpr (kMode == kSkew) {
+    const Vec lr = log_mix(log_w, log_1mw, lp, lq);
+    r.el = xlr(r.p, lp, lr);
+    const Vec p_over_r = Vec::blendv(Vec(0.f), (lp - lr).exp(), r.p > Vec(0.f));  // ≤ 1/α
+    r.up = r.el - Vec(mix) * r.p * p_over_r;
+    r.uq = r.q * p_over_r;
+  } else if constexpr (kMode == kJSD) {
+    const Vec lm = log_mix(log_w, log_1mw, lp, lq);
+    r.up = xlr(r.p, lp, lm);
+    r.uq = xlr(r.q, lq, lm);
+    r.el = Vec(mix) * r.up + Vec(1.f - mix) * r.uq;
+  } else {  // TVD
+    const Vec sg = ((r.p > r.q) & Vec(1.f)) - ((r.p < r.q) & Vec(1.f));
+    r.up = r.p * sg;
+    r.uq = r.q * sg;
+    r.el = Vec(0.5f) * (r.p - r.q).abs();
+  }
+  return r;
+}
+
+double reduce_sum(const Vec& v) {
+  float lanes[kW];
+  v.store(lanes);
+  double s = 0;
+  for (int64_t k = 0; k < kW; ++k) s += lanes[k];
+  return s;
+}
+
+// Pass 1 for one row: dst = (logits or TAID target) / T over [0, V), −inf over [V, Vp).
+template <typename T>
+void prepare_row(const void* base, int64_t stride, int64_t row, int64_t V, int64_t Vp, float* dst) {
+  const T* src = static_cast<const T*>(base) + row * stride;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, V * sizeof(float));
+  } else {
+    at::vec::convert(src, dst, V);
+  }
+  std::fill(dst + V, dst + Vp, kNegInf);
+}
+
+void prepare_row_any(c10::ScalarType dt, const void* base, int64_t stride, int64_t row, int64_t V,
+                     int64_t Vp, float* dst) {
+  switch (dt) {
+    case c10::ScalarType::Float: return prepare_row<float>(base, stride, row, V, Vp, dst);
+    case c10::ScalarType::BFloat16: return prepare_row<c10::BFloat16>(base, stride, row, V, Vp, dst);
+    default: return prepare_row<c10::Half>(base, stride, row, V, Vp, dst);
+  }
+}
+
+template <int64_t kMode>
+void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
+  const int64_t V = p.vocab, Vp = (V + kW - 1) / kW * kW;
+  // Scratch: X, Y (P and Q logits/T, then U_P, U_Q), EX, EY (exponentials, then gradients).
+  std::vector<float> scratch(4 * Vp);
+  float *X = scratch.data(), *Y = X + Vp, *EX = Y + Vp, *EY = EX + Vp;
+  const bool grad_s = p.grad_student != nullptr, grad_t = p.grad_teacher != nullptr;
+  const bool need_p = p.swap ? grad_s : grad_t, need_q = p.swap ? grad_t : grad_s;
+  const bool fused_q = kMode == kKL && need_q && !need_p;
+  const float log_w = std::log(p.mix), log_1mw = std::log1p(-p.mix);
+  const bool scale = p.temperature != 1.f || p.taid;
+
+  for (int64_t i = begin; i < end; ++i) {
+    const float w = p.row_weight[i];
+    if (w == 0.f) {  // dropped row: never read, zero gradient
+      p.loss_rows[i] = 0.f;
+      if (grad_s) zero_row_any(p.student_dtype, p.grad_student, i, V);
+      if (grad_t) zero_row_any(p.teacher_dtype, p.grad_teacher, i, V);
+      continue;
+    }
+    // pass 1: rows → fp32 scratch (S, T are X, Y in either order); TAID; / T; maxima
+    float* S = p.swap ? X : Y;
+    float* T = p.swap ? Y : X;
+    prepare_row_any(p.student_dtype, p.student, p.student_stride, i, V, Vp, S);
+    prepare_row_any(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, Vp, T);
+    Vec ms(kNegInf), mt(kNegInf);
+    for (int64_t j = 0; j < Vp; j += kW) {
+      Vec s = Vec::loadu(S + j), t = Vec::loadu(T + j);
+      if (scale) {
+        if (p.taid) {  // TAID target (1−λ)·s + λ·t; both −inf stays −inf
+          t = p.lam == 0.f ? s : Vec::blendv(Vec(p.lam) * t + Vec(1.f - p.lam) * s, t, s == t);
+        }
+        s = s / Vec(p.temperature);
+        t = t / Vec(p.temperature);
+        s.store(S + j);
+        t.store(T + j);
+      }
+      ms = at::vec::maximum(ms, s);
+      mt = at::vec::maximum(mt, t);
+    }
+    auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
+    const float max_s = at::vec::vec_reduce_all<float>(vmax, ms);
+    const float max_t = at::vec::vec_reduce_all<float>(vmax, mt);
+    const float mx = p.swap ? max_s : max_t, my = p.swap ? max_t : max_s;
+
+    // pass 2: exponentials and log-sum-exps
+    const float sx = mx == kNegInf ? 0.f : mx, sy = my == kNegInf ? 0.f : my;
+    Vec zx(0.f), zy(0.f);
+    for (int64_t j = 0; j < Vp; j += kW) {
+      const Vec ex = (Vec::loadu(X + j) - Vec(sx)).exp();
+      const Vec ey = (Vec::loadu(Y + j) - Vec(sy)).exp();
+      ex.store(EX + j);
+      ey.store(EY + j);
+      zx = zx + ex;
+      zy = zy + ey;
+    }
+    const double zxd = reduce_sum(zx), zyd = reduce_sum(zy);
+    const float lse_x = sx + static_cast<float>(std::log(zxd));
+    const float lse_y = sy + static_cast<float>(std::log(zyd));
+    const float inv_zx = static_cast<float>(1.0 / zxd), inv_zy = static_cast<float>(1.0 / zyd);
+
+    // Gradients go straight into fp32 outputs, else through EX (P side) / EY (Q side).
+    const float q_factor = w * (p.swap ? p.gt_factor : p.gs_factor);
+    const float p_factor = w * (p.swap ? p.gs_factor : p.gt_factor);
+    auto out_row = [&](bool student_side) -> float* {
+      void* base = student_side ? p.grad_student : p.grad_teacher;
+      const c10::ScalarType dt = student_side ? p.student_dtype : p.teacher_dtype;
+      if (base != nullptr && dt == c10::ScalarType::Float && V % kW == 0)
+        return static_cast<float*>(base) + i * V;
+      return nullptr;
+    };
+    float* GP = need_p ? out_row(p.swap) : nullptr;   // P side is the student's if swap
+    float* GQ = need_q ? out_row(!p.swap) : nullptr;
+    float* gp = GP ? GP : EX;
+    float* gq = GQ ? GQ : EY;
+
+    // pass 3: the loss and ΣU (KL with only the Q side wanted: g_Q = Q − P, done)
+    Vec acc_el(0.f), acc_up(0.f), acc_uq(0.f);
+    for (int64_t j = 0; j < Vp; j += kW) {
+      const Terms r = terms<kMode>(Vec::loadu(X + j), Vec::loadu(Y + j), Vec::loadu(EX + j),
+                                   Vec::loadu(EY + j), lse_x, lse_y, inv_zx, inv_zy, p.mix,
+                                   log_w, log_1mw);
+      acc_el = acc_el + r.el;
+      acc_up = acc_up + r.up;
+      acc_uq = acc_uq + r.uq;
+      if (fused_q) {
+        ((r.q - r.p) * Vec(q_factor)).store(gq + j);  // EY[j] is not read again
+      } else {
+        r.up.store(X + j);
+        r.uq.store(Y + j);
+      }
+    }
+    p.loss_rows[i] = static_cast<float>(w * reduce_sum(acc_el));
+    const float sum_up = static_cast<float>(reduce_sum(acc_up));
+    const float sum_uq = static_cast<float>(reduce_sum(acc_uq));
+
+    // pass 4: g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q)
+    if (!fused_q && (need_p || need_q)) {
+      const float cp = p.c_p * p_factor, cq = p.c_q * q_factor;
+      for (int64_t j = 0; j < Vp; j += kW) {
+        if (need_p) {
+          const Vec pv = Vec::loadu(EX + j) * Vec(inv_zx);
+          (Vec(cp) * (Vec::loadu(X + j) - pv * Vec(sum_up))).store(gp + j);
+        }
+        if (need_q) {
+          const Vec qv = Vec::loadu(EY + j) * Vec(inv_zy);
+          (Vec(cq) * (Vec::loadu(Y + j) - qv * Vec(sum_uq))).store(gq + j);
+        }
+      }
+    }
+    // Hand the gradients not written in place to the student / teacher buffers.
+    if (need_p && !GP) store_row_any(p.swap ? p.student_dtype : p.teacher_dtype,
+                                     p.swap ? p.grad_student : p.grad_teacher, i, V, EX);
+    if (need_q && !GQ) store_row_any(p.swap ? p.teacher_dtype : p.student_dtype,
+                                     p.swap ? p.grad_teacher : p.grad_student, i, V, EY);
+  }
+}
+
+}  // namespace
+
+void KD_ROWS_FN(const DivergenceParams& p, int64_t begin, int64_t end) {
+  switch (p.mode) {
+    case kKL: return rows_mode<kKL>(p, begin, end);
+    case kSkew: return rows_mode<kSkew>(p, begin, end);
+    case kJSD: return rows_mode<kJSD>(p, begin, end);
+    default: return rows_mode<kTVD>(p, begin, end);
+  }
+}
+
+}  // namespace kdkernels::cpu

@@ -1,0 +1,21 @@
+// Schemas of kdkernels' native ops, defined once; each backend (csrc/cpu, later csrc/cuda)
+// registers its kernels for its dispatch key. Fake kernels and autograd are registered from
+// Python (kdkernels/ops/), after this library is loaded.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing kdkernels._C only has to load this library (its static initializers register
+// the ops); it defines no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(kdkernels, m) {
+  // See kdkernels/ops/divergence.py for the meaning of every argument and output.
+  m.def("divergence_fwd(Tensor student, Tensor teacher, Tensor row_weight, int mode, bool swap, "
+        "float mix, float temperature, float taid, bool reduce, bool grad_student, "
+        "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,32 @@
+"""kdkernels: fused knowledge-distillation losses for PyTorch.
+
+    import kdkernels
+    loss = kdkernels.divergence(student_logits, teacher_logits, kind="jsd", temperature=2.0)
+
+See README.md for the API, backends and measured numbers."""
+from . import nn
+from .divergence import KINDS, divergence, jsd, kl_div, reverse_kl, tvd
+
+__version__ = "0.1.0"
+__all__ = ["KINDS", "divergence", "jsd", "kl_div", "nn", "reverse_kl", "tvd", "backend_info"]
+
+
+def backend_info():
+    """Which backends this install can run, and why a missing one is missing."""
+    import os  # noqa: PLC0415
+
+    from . import _extension  # noqa: PLC0415
+
+    native = _extension.ensure_loaded()
+    try:
+        import triton  # noqa: PLC0415
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "cpu": native and _extension.native_available("divergence", "CPU"),
+        "cuda": native and _extension.native_available("divergence", "CUDA"),
+        "native_unavailable_because": _extension.why_unavailable(),
+        "triton": triton_version,
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+    }

@@ -1,0 +1,186 @@
+"""Shared plumbing for every op family: argument checks, row masks and reductions,
+dtype rules and backend choice. Written once; each op family calls into it."""
+import numbers
+import os
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------- checks
+def check_logits(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), "
+            f"got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+
+
+def check_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
+    check_logits(student_name, student)
+    check_logits(teacher_name, teacher)
+    if student.shape != teacher.shape:
+        hint = ""
+        if student.shape[:-1] == teacher.shape[:-1]:
+            hint = (f"; if the teacher's vocabulary is padded, pass "
+                    f"{teacher_name}[..., :{student.shape[-1]}] (a view, no copy)")
+        raise ValueError(f"{student_name} and {teacher_name} must have the same shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}{hint}")
+    if student.device != teacher.device:
+        raise ValueError(f"{student_name} and {teacher_name} must be on the same device, got "
+                         f"{student.device} and {teacher.device}")
+
+
+def check_real(name, value, *, low=None, high=None, low_open=False, high_open=False):
+    """A Python real number (or 0-d tensor) within [low, high] (open ends when asked)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    bad = value != value
+    if low is not None:
+        bad = bad or value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad or value in (float("inf"), float("-inf")):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ValueError(f"{name} must be a finite number in {rng}, got {value}")
+    return value
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------- rows and weights
+def kept_rows(lead_shape, device, *, labels=None, ignore_index=-100, mask=None):
+    """Boolean (N,) tensor of the rows that count, or None when every row counts."""
+    if labels is not None and mask is not None:
+        raise ValueError("give labels (with ignore_index) or mask, not both")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() \
+                or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError("labels must be an integer tensor shaped like the logits' leading "
+                            f"dims {tuple(lead_shape)}, got "
+                            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if tuple(labels.shape) != tuple(lead_shape):
+            raise ValueError(f"labels must have shape {tuple(lead_shape)} (the logits' leading "
+                             f"dims), got {tuple(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"labels must be on {device}, got {labels.device}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        return (labels != ignore_index).reshape(-1)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor shaped like the logits' leading dims "
+                            f"{tuple(lead_shape)} (True = keep the row), got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if tuple(mask.shape) != tuple(lead_shape):
+            raise ValueError(f"mask must have shape {tuple(lead_shape)} (the logits' leading "
+                             f"dims), got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask must be on {device}, got {mask.device}")
+        return mask.reshape(-1)
+    return None
+
+
+def row_weights(n_rows, kept, *, scale, reduction, num_items, device):
+    """float32 (N,) weights w such that loss = Σ_rows w·loss_row (or w·loss_row per row for
+    reduction='none'). Dropped rows get 0; 'mean' divides by the kept rows (at least 1, so
+    all-dropped gives 0, not NaN) or by num_items."""
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"num_items is only used with reduction='mean', got reduction={reduction!r}")
+    if kept is None:
+        w = torch.full((n_rows,), float(scale), dtype=torch.float32, device=device)
+    else:
+        w = kept.to(torch.float32) * float(scale)
+    if reduction != "mean":
+        return w
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a number or a one-element tensor, got shape "
+                                 f"{tuple(num_items.shape)}")
+            return w / num_items.reshape(()).to(device=device, dtype=torch.float32)
+        return w / check_real("num_items", num_items, low=0.0, low_open=True)
+    if kept is None:
+        return w / max(n_rows, 1)
+    return w / kept.sum().clamp_min(1).to(torch.float32)
+
+
+def as_rows(x):
+    """(..., V) → (N, V) without a copy whenever the leading dims merge (slices included);
+    the kernels take a row stride but need unit stride along V."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[-1] > 1 and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+# ------------------------------------------------------------------------------ backends
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergence"):
+    """Pick the backend for tensors on `device` with `dtypes`.
+
+    native_op: the C++ op (torch.ops.kdkernels.X) or None; 'cpu' / 'cuda' availability is
+    whether that op has a kernel for the device's dispatch key."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        env = os.environ.get("KDKERNELS_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"KDKERNELS_BACKEND must be one of {', '.join(BACKENDS)}; got {env!r}")
+        backend = env
+    from . import _extension  # noqa: PLC0415 (kept lazy: loading may JIT-build)
+
+    if backend == "auto":
+        if any(d == torch.float64 for d in dtypes):
+            return "reference"
+        if device.type == "cuda":
+            return "cuda" if _extension.native_available(family, "CUDA") else "triton"
+        if device.type == "cpu":
+            return "cpu" if _extension.native_available(family, "CPU", warn=True) else "reference"
+        return "reference"
+
+    if backend in ("cpu", "cuda", "triton") and any(d == torch.float64 for d in dtypes):
+        raise TypeError(f"backend={backend!r} takes float32, bfloat16 or float16 logits; "
+                        f"float64 runs on backend='reference' (or 'auto')")
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {device}; use 'auto', "
+                             f"'triton' or 'cuda' for GPU tensors")
+        if not _extension.native_available(family, "CPU", warn=True):
+            return "reference"  # the loader warned once, saying why and how to fix it
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device}")
+        if not _extension.native_available(family, "CUDA"):
+            raise ValueError("backend='cuda' is not available: kdkernels was built without its "
+                             "CUDA kernels; use backend='triton' (or 'auto')")
+    elif backend == "triton":
+        if device.type == "cpu" and not triton_interpreted():
+            raise ValueError("backend='triton' with CPU tensors needs the Triton interpreter: "
+                             "set TRITON_INTERPRET=1 before triton is imported, or use "
+                             "backend='cpu' / 'auto'")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' needs CUDA (or CPU, interpreted) tensors, got {device}")
+        try:
+            import triton  # noqa: F401, PLC0415
+        except ImportError as e:
+            raise ValueError("backend='triton' needs the triton package: pip install triton") from e
+    return backend

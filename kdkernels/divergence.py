@@ -1,0 +1,100 @@
+"""Public API of the logit-divergence family: divergence() and its aliases."""
+import torch
+
+from . import _plumbing as P
+from .ops import divergence as ops
+from .reference import divergence as ref
+
+KINDS = ref.KINDS
+
+
+def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, beta=0.5,
+               skew=0.1, taid_t=None, t2_scale=True, labels=None, ignore_index=-100, mask=None,
+               reduction="mean", num_items=None, backend="auto"):
+    """Divergence between the student's and the teacher's next-token distributions.
+
+    Args:
+        student_logits, teacher_logits: (..., V) float32/bfloat16/float16 (float64 on the
+            reference backend); same shape. A teacher with a padded vocabulary is passed as
+            teacher[..., :V] (a view: the kernels take row strides, no copy is made).
+        kind: "fkl" KL(p‖q) · "rkl" KL(q‖p) · "jsd" β·KL(p‖m)+(1−β)·KL(q‖m), m=βp+(1−β)q ·
+            "tvd" ½Σ|p−q| · "skew_fkl" KL(p‖αp+(1−α)q) · "skew_rkl" KL(q‖αq+(1−α)p);
+            p = softmax(teacher/T), q = softmax(student/T).
+        temperature: T > 0, divides both logits.
+        beta: β in [0, 1] for "jsd"; β=0 is exactly "fkl", β=1 exactly "rkl" (TRL's convention).
+        skew: α in [0, 1) for the skew kinds (α = 0 is the plain KL).
+        taid_t: TAID's λ in [0, 1]; the target becomes softmax(((1−λ)·sg(s) + λ·t)/T).
+        t2_scale: multiply each row's loss by T² (Hinton), so gradients keep their scale.
+        labels, ignore_index: drop rows whose label == ignore_index. mask: bool, True = keep.
+            Give one or the other; shaped like the leading dims.
+        reduction: "mean" (Σ kept rows / #kept, or / num_items), "sum", or "none" (per row,
+            shaped like the leading dims, 0 at dropped rows).
+        num_items: the mean's denominator (e.g. tokens over all gradient-accumulation steps).
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see README: Backends).
+
+    Returns a float32 loss (float64 for float64 inputs). Gradients flow to whichever of the
+    logits requires grad, in its own dtype.
+    """
+    P.check_pair(student_logits, teacher_logits)
+    P.check_choice("kind", kind, KINDS)
+    temperature = P.check_real("temperature", temperature, low=0.0, low_open=True)
+    beta = P.check_real("beta", beta, low=0.0, high=1.0)
+    skew = P.check_real("skew", skew, low=0.0, high=1.0, high_open=True)
+    if taid_t is not None:
+        taid_t = P.check_real("taid_t", taid_t, low=0.0, high=1.0)
+    if not isinstance(t2_scale, bool):
+        raise TypeError(f"t2_scale must be a bool, got {type(t2_scale).__name__}")
+    P.check_choice("reduction", reduction, P.REDUCTIONS)
+
+    lead_shape = student_logits.shape[:-1]
+    n_rows = student_logits.numel() // student_logits.shape[-1]
+    device = student_logits.device
+    kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
+    weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,
+                           reduction=reduction, num_items=num_items, device=device)
+    backend = P.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
+
+    if backend == "reference":
+        loss = _reference(student_logits, teacher_logits, weight, kept, kind=kind,
+                          temperature=temperature, beta=beta, skew=skew, taid_t=taid_t)
+        if reduction != "none":
+            loss = loss.sum()
+    else:
+        mode, swap, mix = ops.kernel_args(kind, beta, skew)
+        grad_on = torch.is_grad_enabled()
+        op = torch.ops.kdkernels.divergence_fwd_triton if backend == "triton" \
+            else torch.ops.kdkernels.divergence_fwd
+        loss, _, _ = op(P.as_rows(student_logits), P.as_rows(teacher_logits), weight, mode, swap,
+                        mix, temperature, 1.0 if taid_t is None else taid_t, reduction != "none",
+                        grad_on and student_logits.requires_grad,
+                        grad_on and teacher_logits.requires_grad)
+    return loss if reduction != "none" else loss.reshape(lead_shape)
+
+
+def _reference(student, teacher, weight, kept, **kw):
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])
+    if kept is not None:  # dropped rows may hold anything (all −inf, say): never compute them
+        s = torch.where(kept[:, None], s, 0.0)
+        t = torch.where(kept[:, None], t, 0.0)
+    return ref.divergence_rows(s, t, **kw) * weight
+
+
+def kl_div(student_logits, teacher_logits, **kwargs):
+    """Forward KL(p‖q), p the teacher's distribution: divergence(kind="fkl")."""
+    return divergence(student_logits, teacher_logits, kind="fkl", **kwargs)
+
+
+def reverse_kl(student_logits, teacher_logits, **kwargs):
+    """Reverse KL(q‖p), q the student's distribution: divergence(kind="rkl")."""
+    return divergence(student_logits, teacher_logits, kind="rkl", **kwargs)
+
+
+def jsd(student_logits, teacher_logits, **kwargs):
+    """Generalized Jensen–Shannon divergence with weight beta: divergence(kind="jsd")."""
+    return divergence(student_logits, teacher_logits, kind="jsd", **kwargs)
+
+
+def tvd(student_logits, teacher_logits, **kwargs):
+    """Total variation distance ½Σ|p−q|: divergence(kind="tvd")."""
+    return divergence(student_logits, teacher_logits, kind="tvd", **kwargs)

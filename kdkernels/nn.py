@@ -1,0 +1,51 @@
+"""torch.nn.Module wrappers: hold the loss options, take (student_logits, teacher_logits)."""
+import torch
+
+from .divergence import divergence
+
+
+class DivergenceLoss(torch.nn.Module):
+    """Module form of kdkernels.divergence; keyword arguments are the same.
+
+    forward(student_logits, teacher_logits, labels=None, mask=None, num_items=None)."""
+
+    def __init__(self, kind="fkl", **options):
+        super().__init__()
+        for per_call in ("labels", "mask", "num_items"):
+            if per_call in options:
+                raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
+        self.kind = kind
+        self.options = options
+        divergence(torch.zeros(1, 2), torch.zeros(1, 2), kind=kind,
+                   **{**options, "backend": "reference"})  # validate the options now, not at step 1
+
+    def forward(self, student_logits, teacher_logits, labels=None, mask=None, num_items=None):
+        return divergence(student_logits, teacher_logits, kind=self.kind, labels=labels,
+                          mask=mask, num_items=num_items, **self.options)
+
+    def extra_repr(self):
+        return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
+
+
+class KLDivLoss(DivergenceLoss):
+    """Forward KL(p‖q) (p the teacher); `reverse=True` for KL(q‖p)."""
+
+    def __init__(self, reverse=False, **options):
+        super().__init__(kind="rkl" if reverse else "fkl", **options)
+
+
+class JSDLoss(DivergenceLoss):
+    """Generalized JSD with weight `beta` (β=0: forward KL, β=1: reverse KL)."""
+
+    def __init__(self, beta=0.5, **options):
+        super().__init__(kind="jsd", beta=beta, **options)
+
+
+class TVDLoss(DivergenceLoss):
+    """Total variation distance ½Σ|p−q|."""
+
+    def __init__(self, **options):
+        super().__init__(kind="tvd", **options)
+
+
+__all__ = ["DivergenceLoss", "JSDLoss", "KLDivLoss", "TVDLoss"]

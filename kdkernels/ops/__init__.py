@@ -1,0 +1,10 @@
+"""torch.library registration of kdkernels' ops: fake (shape) kernels and autograd.
+
+Native (C++/CUDA) ops are defined in csrc/ with TORCH_LIBRARY; their Python-side
+registrations run once the extension is loaded (register_native). Triton ops are
+defined here as opaque custom ops, so torch.compile sees one node per call."""
+from . import divergence
+
+
+def register_native():
+    divergence.register_native()

@@ -1,0 +1,112 @@
+"""Ops of the divergence family.
+
+    kdkernels::divergence_fwd          C++ op (csrc/ops.cpp): CPU kernel in csrc/cpu/divergence.cpp
+    kdkernels::divergence_fwd_triton   Triton kernels in kdkernels/triton_kernels/divergence.py
+
+Both take logits as (N, V) rows (any row stride, unit column stride) and return
+    loss          Σ_i w_i·L_i (shape ()) if reduce, else w_i·L_i per row (shape (N,)), float32
+    grad_student  d loss_i / d student_i, (N, V) in the student's dtype, or empty if not asked
+    grad_teacher  d loss_i / d teacher_i, likewise
+computed in ONE forward launch: backward only scales the saved gradients by the incoming
+gradient (in place; skipped when it is exactly 1).
+
+Kernel arguments are in canonical form (kernel_args): `mode` is one of
+    KL    KL(P‖Q)                              SKEW  KL(P ‖ mix·P + (1−mix)·Q)
+    JSD   mix·KL(P‖M) + (1−mix)·KL(Q‖M), M = mix·P + (1−mix)·Q     TVD  ½Σ|P − Q|
+where P is the teacher distribution and Q the student's, or the other way round if `swap`.
+`taid` is TAID's λ (1.0: the plain teacher). row_weight carries masks, T² and 1/denominator.
+"""
+import torch
+from torch import Tensor
+
+from ..reference.divergence import canonical_kind
+
+MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
+SCHEMA_ARGS = ("student", "teacher", "row_weight", "mode", "swap", "mix", "temperature", "taid",
+               "reduce", "grad_student", "grad_teacher")
+
+
+def kernel_args(kind, beta, skew):
+    """(mode, swap, mix) for a user-level kind."""
+    kind = canonical_kind(kind, beta, skew)
+    return {
+        "fkl": (MODE_KL, False, 0.0),
+        "rkl": (MODE_KL, True, 0.0),
+        "jsd": (MODE_JSD, False, float(beta)),
+        "tvd": (MODE_TVD, False, 0.0),
+        "skew_fkl": (MODE_SKEW, False, float(skew)),
+        "skew_rkl": (MODE_SKEW, True, float(skew)),
+    }[kind]
+
+
+def _fake(student, teacher, row_weight, mode, swap, mix, temperature, taid, reduce,
+          grad_student, grad_teacher):
+    loss = row_weight.new_empty(() if reduce else (student.shape[0],), dtype=torch.float32)
+    gs = student.new_empty(student.shape if grad_student else (0,))
+    gt = teacher.new_empty(teacher.shape if grad_teacher else (0,))
+    return loss, gs, gt
+
+
+def _setup_context(ctx, inputs, output):
+    _, gs, gt = output
+    ctx.set_materialize_grads(False)  # the grad outputs are never used: no (N, V) zeros for them
+    ctx.reduce = inputs[SCHEMA_ARGS.index("reduce")]
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(gs, gt)
+        ctx.handed_over = None
+    else:
+        # Eager: keep detached references (no reference cycle through grad_fn) that backward
+        # hands over and drops, so autograd can adopt the buffer as .grad without a copy.
+        ctx.handed_over = [gs.detach(), gt.detach()]
+
+
+def _scale(grad, grad_loss, reduce):
+    """grad (N, V) times the incoming gradient: a scalar if reduce, else one per row."""
+    if grad.numel() == 0:
+        return None
+    factor = grad_loss if reduce else grad_loss.unsqueeze(-1)
+    if torch.compiler.is_compiling():
+        return grad * factor.to(grad.dtype)  # functional under compile (Inductor fuses it)
+    if reduce and bool(grad_loss == 1):
+        return grad  # the common case: loss.backward() on the loss itself; no pass at all
+    return grad.mul_(factor.to(grad.dtype))  # in place: no second (N, V) buffer
+
+
+def _backward(ctx, grad_loss, _unused_gs, _unused_gt):
+    if ctx.handed_over is None:
+        gs, gt = ctx.saved_tensors
+    elif ctx.handed_over:
+        gs, gt = ctx.handed_over
+        ctx.handed_over.clear()
+    else:
+        raise RuntimeError("kdkernels: backward through the same kdkernels loss twice "
+                           "(retain_graph=True) is not supported: the fused kernels hand over "
+                           "their saved gradient on the first backward. Compute the loss again.")
+    return (_scale(gs, grad_loss, ctx.reduce), _scale(gt, grad_loss, ctx.reduce)) + (None,) * 9
+
+
+@torch.library.custom_op("kdkernels::divergence_fwd_triton", mutates_args=(), device_types=None)
+def divergence_fwd_triton(student: Tensor, teacher: Tensor, row_weight: Tensor, mode: int,
+                          swap: bool, mix: float, temperature: float, taid: float, reduce: bool,
+                          grad_student: bool, grad_teacher: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton_kernels.divergence import divergence_fwd  # noqa: PLC0415 (lazy: imports triton)
+
+    return divergence_fwd(student, teacher, row_weight, mode, swap, mix, temperature, taid,
+                          reduce, grad_student, grad_teacher)
+
+
+torch.library.register_fake("kdkernels::divergence_fwd_triton", _fake)
+torch.library.register_autograd("kdkernels::divergence_fwd_triton", _backward,
+                                setup_context=_setup_context)
+
+_native_registered = []
+
+
+def register_native():
+    """Python-side registrations of the C++ op (after the extension has loaded)."""
+    if _native_registered:
+        return
+    torch.library.register_fake("kdkernels::divergence_fwd", _fake)
+    torch.library.register_autograd("kdkernels::divergence_fwd", _backward,
+                                    setup_context=_setup_context)
+    _native_registered.append(True)

@@ -1,0 +1,214 @@
+"""Triton kernels of the divergence family: one program per row, three sweeps over it.
+
+    sweep 1  online log-sum-exp of both rows (each block: one max, one rescale)
+    sweep 2  per-element terms U_P, U_Q and the loss; their row sums
+    sweep 3  the gradients   g_P = c_P·(U_P − P·ΣU_P),   g_Q = c_Q·(U_Q − Q·ΣU_Q)
+             (for KL with only the Q side wanted, the usual case, g_Q = Q − P is written
+             in sweep 2 and sweep 3 is skipped)
+The row is read from HBM in sweep 1 and mostly from L2 after. P is the teacher's
+distribution and Q the student's (swapped when SWAP), so the four modes below cover every
+kind; see kdkernels/ops/divergence.py for the mapping and kdkernels/reference for the math.
+
+Why U: for any per-row loss L(P, Q) the softmax Jacobian gives d L / d x_j = P_j·(g_j − Σ_k
+P_k g_k) with g = ∂L/∂P; U_P = c_P⁻¹·P⊙g in closed form, per mode:
+    KL    U_P = P(lP − lQ)                       U_Q = −P                 c = (1, 1)
+    SKEW  U_P = P(lP − lR) − α·P²/R              U_Q = Q·P/R              c = (1, −(1−α))
+    JSD   U_P = P(lP − lM)                       U_Q = Q(lQ − lM)         c = (β, 1−β)
+    TVD   U_P = P·sign(P−Q)                      U_Q = Q·sign(P−Q)        c = (½, −½)
+Every x·log-ratio term is 0 where x == 0, so −inf logits and underflow never give NaN.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._plumbing import triton_interpreted
+
+MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
+
+
+@triton.jit
+def _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP: tl.constexpr, TAID: tl.constexpr):
+    """Logits of P and Q at `cols`, divided by the temperature, in fp32 (−inf past V).
+    v_live is V for a kept row and 0 for a dropped one, which is then never read."""
+    s = tl.load(S + cols, mask=cols < v_live, other=float("-inf")).to(tl.float32)
+    t = tl.load(T + cols, mask=cols < v_live, other=float("-inf")).to(tl.float32)
+    if TAID:  # TAID target (1−λ)·s + λ·t; both −inf stays −inf
+        t = tl.where(s == t, t, lam * t + (1.0 - lam) * s)
+        t = tl.where(lam == 0.0, s, t)
+    s = tl.where(live, s, 0.0)  # a dropped row is never read; keep its math finite
+    t = tl.where(live, t, 0.0)
+    if SWAP:
+        return s / temperature, t / temperature
+    return t / temperature, s / temperature
+
+
+@triton.jit
+def _lse_update(m, z, x):
+    m_new = tl.maximum(m, tl.max(x, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    z = z * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+    return m_new, z
+
+
+@triton.jit
+def _xlr(x, lx, ly):
+    """x·(lx − ly), 0 where x == 0."""
+    return tl.where(x > 0.0, x * (lx - ly), 0.0)
+
+
+@triton.jit
+def _log_mix(log_w, log_1mw, lx, ly):
+    """log(w·x + (1−w)·y) from log x, log y, in log space (no underflow to log 0)."""
+    u = lx + log_w
+    v = ly + log_1mw
+    hi = tl.maximum(u, v)
+    lo = tl.minimum(u, v)
+    safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
+    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - safe_hi)))
+
+
+@triton.jit
+def _terms(x, y, lse_x, lse_y, mix, log_w, log_1mw, MODE: tl.constexpr):
+    """P, Q, U_P, U_Q and the loss terms of one block."""
+    lp = x - lse_x
+    lq = y - lse_y
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if MODE == 0:  # KL(P‖Q)
+        up = _xlr(p, lp, lq)
+        uq = -p
+        el = up
+    elif MODE == 1:  # KL(P ‖ αP + (1−α)Q)
+        lr = _log_mix(log_w, log_1mw, lp, lq)
+        el = _xlr(p, lp, lr)
+        p_over_r = tl.where(p > 0.0, tl.exp(lp - lr), 0.0)  # ≤ 1/α
+        up = el - mix * p * p_over_r
+        uq = q * p_over_r
+    elif MODE == 2:  # β·KL(P‖M) + (1−β)·KL(Q‖M)
+        lm = _log_mix(log_w, log_1mw, lp, lq)
+        up = _xlr(p, lp, lm)
+        uq = _xlr(q, lq, lm)
+        el = mix * up + (1.0 - mix) * uq
+    else:  # ½Σ|P − Q|
+        sg = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+        up = p * sg
+        uq = q * sg
+        el = 0.5 * tl.abs(p - q)
+    return p, q, up, uq, el
+
+
+@triton.jit
+def _divergence_fwd_kernel(
+    S, T, W, LOSS, GS, GT,
+    s_stride, t_stride, gs_stride, gt_stride, V,
+    temperature, mix, lam, c_p, c_q, gs_factor, gt_factor,
+    MODE: tl.constexpr, SWAP: tl.constexpr, TAID: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, FUSED_Q: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    S += row * s_stride
+    T += row * t_stride
+    w = tl.load(W + row)
+    live = w != 0.0
+    v_live = tl.where(live, V, 0)
+    offs = tl.arange(0, BLOCK)
+    NEED_P: tl.constexpr = (GRAD_S and SWAP) or (GRAD_T and not SWAP)
+    NEED_Q: tl.constexpr = (GRAD_S and not SWAP) or (GRAD_T and SWAP)
+    log_w = tl.log(mix)
+    log_1mw = tl.log(1.0 - mix)
+
+    # sweep 1: log-sum-exp of both rows
+    m_x = tl.full((), float("-inf"), tl.float32)
+    z_x = tl.zeros((), tl.float32)
+    m_y = tl.full((), float("-inf"), tl.float32)
+    z_y = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
+        m_x, z_x = _lse_update(m_x, z_x, x)
+        m_y, z_y = _lse_update(m_y, z_y, y)
+    lse_x = m_x + tl.log(z_x)
+    lse_y = m_y + tl.log(z_y)
+
+    # Gradient destinations: which of GS / GT receives the P side and the Q side.
+    if SWAP:
+        GP = GS + row * gs_stride
+        GQ = GT + row * gt_stride
+        p_factor = gs_factor * w
+        q_factor = gt_factor * w
+    else:
+        GP = GT + row * gt_stride
+        GQ = GS + row * gs_stride
+        p_factor = gt_factor * w
+        q_factor = gs_factor * w
+
+    # sweep 2: the loss and the row sums of U
+    loss = tl.zeros((), tl.float32)
+    sum_up = tl.zeros((), tl.float32)
+    sum_uq = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        msk = cols < V
+        x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
+        p, q, up, uq, el = _terms(x, y, lse_x, lse_y, mix, log_w, log_1mw, MODE)
+        loss += tl.sum(el, 0)
+        sum_up += tl.sum(up, 0)
+        sum_uq += tl.sum(uq, 0)
+        if FUSED_Q:  # KL, Q side only: g_Q = Q − P needs no row sum
+            g = tl.where(live, (q - p) * q_factor, 0.0)
+            tl.store(GQ + cols, g.to(GQ.dtype.element_ty), mask=msk)
+    tl.store(LOSS + row, tl.where(live, loss * w, 0.0))
+
+    # sweep 3: the gradients
+    if (NEED_P or NEED_Q) and not FUSED_Q:
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            msk = cols < V
+            x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
+            p, q, up, uq, el = _terms(x, y, lse_x, lse_y, mix, log_w, log_1mw, MODE)
+            if NEED_P:
+                g = tl.where(live, c_p * (up - p * sum_up) * p_factor, 0.0)
+                tl.store(GP + cols, g.to(GP.dtype.element_ty), mask=msk)
+            if NEED_Q:
+                g = tl.where(live, c_q * (uq - q * sum_uq) * q_factor, 0.0)
+                tl.store(GQ + cols, g.to(GQ.dtype.element_ty), mask=msk)
+
+
+def _coefficients(mode, mix):
+    if mode == MODE_KL:
+        return 1.0, 1.0
+    if mode == MODE_SKEW:
+        return 1.0, -(1.0 - mix)
+    if mode == MODE_JSD:
+        return mix, 1.0 - mix
+    return 0.5, -0.5
+
+
+def divergence_fwd(student, teacher, row_weight, mode, swap, mix, temperature, taid, reduce,
+                   grad_student, grad_teacher):
+    """Launcher behind kdkernels::divergence_fwd_triton (see kdkernels/ops/divergence.py)."""
+    n, v = student.shape
+    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
+        else teacher.new_empty((0,))
+    if n > 0:
+        need_q = (grad_student and not swap) or (grad_teacher and swap)
+        need_p = (grad_student and swap) or (grad_teacher and not swap)
+        c_p, c_q = _coefficients(mode, mix)
+        max_block = 65536 if triton_interpreted() else 4096
+        block = min(triton.next_power_of_2(v), max_block)
+        _divergence_fwd_kernel[(n,)](
+            student, teacher, row_weight, loss_rows, gs if grad_student else loss_rows,
+            gt if grad_teacher else loss_rows,
+            student.stride(0), teacher.stride(0), v if grad_student else 0,
+            v if grad_teacher else 0, v,
+            float(temperature), float(mix), float(taid), c_p, c_q,
+            1.0 / temperature, float(taid) / temperature,
+            MODE=mode, SWAP=bool(swap), TAID=taid != 1.0, GRAD_S=bool(grad_student),
+            GRAD_T=bool(grad_teacher), FUSED_Q=mode == MODE_KL and need_q and not need_p,
+            BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        )
+    loss = loss_rows.sum() if reduce else loss_rows
+    return loss, gs, gt
