@@ -54,6 +54,7 @@ def ensure_loaded():
     return _state["loaded"]
 
 
+@torch.compiler.assume_constant_result
 def native_available(family, dispatch_key, warn=False):
     """Whether kdkernels::{family}_fwd has a native kernel for dispatch_key ('CPU', 'CUDA')."""
     if not ensure_loaded():

@@ -47,11 +47,17 @@ def _fake(student, teacher, row_weight, mode, swap, mix, temperature, taid, redu
     return loss, gs, gt
 
 
+def _eager(t):
+    """True for a plain tensor outside tracing (torch.compile, make_fx, opcheck's AOT tests),
+    where in-place hand-over and a host-side check of the incoming gradient are allowed."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def _setup_context(ctx, inputs, output):
     _, gs, gt = output
     ctx.set_materialize_grads(False)  # the grad outputs are never used: no (N, V) zeros for them
     ctx.reduce = inputs[SCHEMA_ARGS.index("reduce")]
-    if torch.compiler.is_compiling():
+    if not _eager(gs):
         ctx.save_for_backward(gs, gt)
         ctx.handed_over = None
     else:
@@ -65,8 +71,8 @@ def _scale(grad, grad_loss, reduce):
     if grad.numel() == 0:
         return None
     factor = grad_loss if reduce else grad_loss.unsqueeze(-1)
-    if torch.compiler.is_compiling():
-        return grad * factor.to(grad.dtype)  # functional under compile (Inductor fuses it)
+    if not (_eager(grad) and _eager(grad_loss)):
+        return grad * factor.to(grad.dtype)  # functional while traced (Inductor fuses it)
     if reduce and bool(grad_loss == 1):
         return grad  # the common case: loss.backward() on the loss itself; no pass at all
     return grad.mul_(factor.to(grad.dtype))  # in place: no second (N, V) buffer

@@ -64,16 +64,22 @@ def _log_mix(log_w, log_1mw, lx, ly):
     hi = tl.maximum(u, v)
     lo = tl.minimum(u, v)
     safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
-    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - safe_hi)))
+    e = tl.exp(lo - safe_hi)  # in [0, 1]
+    # log1p(e) to a few ulp without a log1p: log(u)·e/(u − 1), u = 1 + e (Goldberg's trick)
+    u = 1.0 + e
+    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    return tl.where(hi == float("-inf"), hi, hi + log1p_e)
 
 
 @triton.jit
-def _terms(x, y, lse_x, lse_y, mix, log_w, log_1mw, MODE: tl.constexpr):
-    """P, Q, U_P, U_Q and the loss terms of one block."""
+def _terms(x, y, m_x, m_y, inv_z_x, inv_z_y, lse_x, lse_y, mix, log_w, log_1mw,
+           MODE: tl.constexpr):
+    """P, Q, U_P, U_Q and the loss terms of one block. P = exp(x − max)/Z rather than
+    exp(x − lse): the exponent stays near 0 where P is large, so tl.exp is exact there."""
     lp = x - lse_x
     lq = y - lse_y
-    p = tl.exp(lp)
-    q = tl.exp(lq)
+    p = tl.exp(x - m_x) * inv_z_x
+    q = tl.exp(y - m_y) * inv_z_y
     if MODE == 0:  # KL(P‖Q)
         up = _xlr(p, lp, lq)
         uq = -p
@@ -129,6 +135,10 @@ def _divergence_fwd_kernel(
         m_y, z_y = _lse_update(m_y, z_y, y)
     lse_x = m_x + tl.log(z_x)
     lse_y = m_y + tl.log(z_y)
+    m_x = tl.where(m_x == float("-inf"), 0.0, m_x)
+    m_y = tl.where(m_y == float("-inf"), 0.0, m_y)
+    inv_z_x = 1.0 / z_x
+    inv_z_y = 1.0 / z_y
 
     # Gradient destinations: which of GS / GT receives the P side and the Q side.
     if SWAP:
@@ -150,7 +160,8 @@ def _divergence_fwd_kernel(
         cols = start + offs
         msk = cols < V
         x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
-        p, q, up, uq, el = _terms(x, y, lse_x, lse_y, mix, log_w, log_1mw, MODE)
+        p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_z_x, inv_z_y, lse_x, lse_y, mix, log_w,
+                                     log_1mw, MODE)
         loss += tl.sum(el, 0)
         sum_up += tl.sum(up, 0)
         sum_uq += tl.sum(uq, 0)
@@ -165,7 +176,8 @@ def _divergence_fwd_kernel(
             cols = start + offs
             msk = cols < V
             x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
-            p, q, up, uq, el = _terms(x, y, lse_x, lse_y, mix, log_w, log_1mw, MODE)
+            p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_z_x, inv_z_y, lse_x, lse_y, mix, log_w,
+                                     log_1mw, MODE)
             if NEED_P:
                 g = tl.where(live, c_p * (up - p * sum_up) * p_factor, 0.0)
                 tl.store(GP + cols, g.to(GP.dtype.element_ty), mask=msk)
