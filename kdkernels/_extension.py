@@ -18,7 +18,8 @@ def _jit_build():
     from torch.utils.cpp_extension import load  # noqa: PLC0415
 
     sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "cpu", "*.cpp")))
-    load(name="kdkernels_C", sources=sources, extra_cflags=["-O3", "-Wno-unknown-pragmas", "-Wno-psabi"], is_python_module=False,
+    load(name="kdkernels_C", sources=sources, extra_cflags=["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"],
+         extra_ldflags=["-fopenmp"], is_python_module=False,
          verbose=os.environ.get("KDKERNELS_VERBOSE_BUILD") == "1")
 
 

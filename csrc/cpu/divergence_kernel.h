@@ -32,13 +32,26 @@ inline Vec xlr(const Vec& x, const Vec& lx, const Vec& ly) {  // x·(lx − ly),
   return Vec::blendv(Vec(0.f), x * (lx - ly), x > Vec(0.f));
 }
 
-inline Vec log_mix(float log_w, float log_1mw, const Vec& lx, const Vec& ly) {
+inline Vec log_mix_logspace(float log_w, float log_1mw, const Vec& lx, const Vec& ly) {
   // log(w·x + (1−w)·y) from log x, log y, in log space: no log 0 when both underflow.
   const Vec u = lx + Vec(log_w), v = ly + Vec(log_1mw);
   const Vec hi = at::vec::maximum(u, v), lo = at::vec::minimum(u, v);
   const Vec hi_is_ninf = hi == Vec(kNegInf);
   const Vec safe_hi = Vec::blendv(hi, Vec(0.f), hi_is_ninf);
   return Vec::blendv(hi + (lo - safe_hi).exp().log1p(), hi, hi_is_ninf);
+}
+
+inline Vec log_mix(float w, float log_w, float log_1mw, const Vec& x, const Vec& y, const Vec& lx,
+                   const Vec& ly) {
+  // log(w·x + (1−w)·y): one log where the mixture is a normal float (as exact as the log-space
+  // form, at a third of the cost); the log-space form in the lanes where it underflows.
+  const Vec m = Vec(w) * x + Vec(1.f - w) * y;
+  const Vec tiny = m < Vec(1e-30f);
+  Vec lm = m.log();
+  if (tiny.zero_mask() != (1 << kW) - 1) {  // some lane is tiny
+    lm = Vec::blendv(lm, log_mix_logspace(log_w, log_1mw, lx, ly), tiny);
+  }
+  return lm;
 }
 
 void store_row_any(c10::ScalarType dt, void* base, int64_t row, int64_t n, const float* src) {
@@ -67,32 +80,25 @@ struct Terms {
 template <int64_t kMode>
 inline Terms terms(const Vec& x, const Vec& y, const Vec& ex, const Vec& ey, float lse_x,
                    float lse_y, float inv_zx, float inv_zy, float mix, float log_w, float log_1mw) {
-  Terms r;
+  // (Every Vec is built from a value: ATen's default constructor is not inlined.)
   const Vec lp = x - Vec(lse_x), lq = y - Vec(lse_y);
-  r.p = ex * Vec(inv_zx);
-  r.q = ey * Vec(inv_zy);
+  const Vec p = ex * Vec(inv_zx), q = ey * Vec(inv_zy);
   if constexpr (kMode == kKL) {
-    r.up = xlr(r.p, lp, lq);
-    r.uq = Vec(0.f) - r.p;
-    r.el = r.up;
+    const Vec up = xlr(p, lp, lq);
+    return Terms{p, q, up, Vec(0.f) - p, up};
   } else if constexpr (kMode == kSkew) {
-    const Vec lr = log_mix(log_w, log_1mw, lp, lq);
-    r.el = xlr(r.p, lp, lr);
-    const Vec p_over_r = Vec::blendv(Vec(0.f), (lp - lr).exp(), r.p > Vec(0.f));  // ≤ 1/α
-    r.up = r.el - Vec(mix) * r.p * p_over_r;
-    r.uq = r.q * p_over_r;
+    const Vec lr = log_mix(mix, log_w, log_1mw, p, q, lp, lq);
+    const Vec el = xlr(p, lp, lr);
+    const Vec p_over_r = Vec::blendv(Vec(0.f), (lp - lr).exp(), p > Vec(0.f));  // ≤ 1/α
+    return Terms{p, q, el - Vec(mix) * p * p_over_r, q * p_over_r, el};
   } else if constexpr (kMode == kJSD) {
-    const Vec lm = log_mix(log_w, log_1mw, lp, lq);
-    r.up = xlr(r.p, lp, lm);
-    r.uq = xlr(r.q, lq, lm);
-    r.el = Vec(mix) * r.up + Vec(1.f - mix) * r.uq;
+    const Vec lm = log_mix(mix, log_w, log_1mw, p, q, lp, lq);
+    const Vec up = xlr(p, lp, lm), uq = xlr(q, lq, lm);
+    return Terms{p, q, up, uq, Vec(mix) * up + Vec(1.f - mix) * uq};
   } else {  // TVD
-    const Vec sg = ((r.p > r.q) & Vec(1.f)) - ((r.p < r.q) & Vec(1.f));
-    r.up = r.p * sg;
-    r.uq = r.q * sg;
-    r.el = Vec(0.5f) * (r.p - r.q).abs();
+    const Vec sg = ((p > q) & Vec(1.f)) - ((p < q) & Vec(1.f));
+    return Terms{p, q, p * sg, q * sg, Vec(0.5f) * (p - q).abs()};
   }
-  return r;
 }
 
 double reduce_sum(const Vec& v) {
@@ -103,32 +109,33 @@ double reduce_sum(const Vec& v) {
   return s;
 }
 
-// Pass 1 for one row: dst = (logits or TAID target) / T over [0, V), −inf over [V, Vp).
-template <typename T>
-void prepare_row(const void* base, int64_t stride, int64_t row, int64_t V, int64_t Vp, float* dst) {
-  const T* src = static_cast<const T*>(base) + row * stride;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, V * sizeof(float));
-  } else {
-    at::vec::convert(src, dst, V);
+// The fp32 view of one input row: the row itself if it is fp32, else converted into dst.
+const float* row_as_float(c10::ScalarType dt, const void* base, int64_t stride, int64_t row,
+                          int64_t V, float* dst) {
+  switch (dt) {
+    case c10::ScalarType::Float: return static_cast<const float*>(base) + row * stride;
+    case c10::ScalarType::BFloat16:
+      at::vec::convert(static_cast<const c10::BFloat16*>(base) + row * stride, dst, V);
+      return dst;
+    default:
+      at::vec::convert(static_cast<const c10::Half*>(base) + row * stride, dst, V);
+      return dst;
   }
-  std::fill(dst + V, dst + Vp, kNegInf);
 }
 
-void prepare_row_any(c10::ScalarType dt, const void* base, int64_t stride, int64_t row, int64_t V,
-                     int64_t Vp, float* dst) {
-  switch (dt) {
-    case c10::ScalarType::Float: return prepare_row<float>(base, stride, row, V, Vp, dst);
-    case c10::ScalarType::BFloat16: return prepare_row<c10::BFloat16>(base, stride, row, V, Vp, dst);
-    default: return prepare_row<c10::Half>(base, stride, row, V, Vp, dst);
-  }
+// A vector of src at j (−inf past V).
+inline Vec load_padded(const float* src, int64_t j, int64_t V) {
+  if (j + kW <= V) return Vec::loadu(src + j);
+  if (j >= V) return Vec(kNegInf);
+  return Vec::set(Vec(kNegInf), Vec::loadu(src + j, V - j), V - j);
 }
 
 template <int64_t kMode>
 void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
-  const int64_t V = p.vocab, Vp = (V + kW - 1) / kW * kW;
+  // Rows are padded to Vp, a multiple of two vectors (two accumulators hide add latency).
+  const int64_t V = p.vocab, Vp = (V + 2 * kW - 1) / (2 * kW) * (2 * kW);
   // Scratch: X, Y (P and Q logits/T, then U_P, U_Q), EX, EY (exponentials, then gradients).
-  std::vector<float> scratch(4 * Vp);
+  std::vector<float> scratch(4 * Vp, 0.f);
   float *X = scratch.data(), *Y = X + Vp, *EX = Y + Vp, *EY = EX + Vp;
   const bool grad_s = p.grad_student != nullptr, grad_t = p.grad_teacher != nullptr;
   const bool need_p = p.swap ? grad_s : grad_t, need_q = p.swap ? grad_t : grad_s;
@@ -144,23 +151,24 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
       if (grad_t) zero_row_any(p.teacher_dtype, p.grad_teacher, i, V);
       continue;
     }
-    // pass 1: rows → fp32 scratch (S, T are X, Y in either order); TAID; / T; maxima
+    // pass 1: rows → fp32 scratch S, T (X, Y in either order), padded with −inf; TAID; / T;
+    // maxima. This is the one read of the inputs from memory.
     float* S = p.swap ? X : Y;
     float* T = p.swap ? Y : X;
-    prepare_row_any(p.student_dtype, p.student, p.student_stride, i, V, Vp, S);
-    prepare_row_any(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, Vp, T);
+    const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, S);
+    const float* t_in = row_as_float(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, T);
     Vec ms(kNegInf), mt(kNegInf);
     for (int64_t j = 0; j < Vp; j += kW) {
-      Vec s = Vec::loadu(S + j), t = Vec::loadu(T + j);
+      Vec s = load_padded(s_in, j, V), t = load_padded(t_in, j, V);
       if (scale) {
         if (p.taid) {  // TAID target (1−λ)·s + λ·t; both −inf stays −inf
           t = p.lam == 0.f ? s : Vec::blendv(Vec(p.lam) * t + Vec(1.f - p.lam) * s, t, s == t);
         }
         s = s / Vec(p.temperature);
         t = t / Vec(p.temperature);
-        s.store(S + j);
-        t.store(T + j);
       }
+      s.store(S + j);
+      t.store(T + j);
       ms = at::vec::maximum(ms, s);
       mt = at::vec::maximum(mt, t);
     }
@@ -171,16 +179,22 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
 
     // pass 2: exponentials and log-sum-exps
     const float sx = mx == kNegInf ? 0.f : mx, sy = my == kNegInf ? 0.f : my;
-    Vec zx(0.f), zy(0.f);
-    for (int64_t j = 0; j < Vp; j += kW) {
-      const Vec ex = (Vec::loadu(X + j) - Vec(sx)).exp();
-      const Vec ey = (Vec::loadu(Y + j) - Vec(sy)).exp();
-      ex.store(EX + j);
-      ey.store(EY + j);
-      zx = zx + ex;
-      zy = zy + ey;
+    Vec zx0(0.f), zy0(0.f), zx1(0.f), zy1(0.f);
+    for (int64_t j = 0; j < Vp; j += 2 * kW) {
+      const Vec ex0 = (Vec::loadu(X + j) - Vec(sx)).exp();
+      const Vec ey0 = (Vec::loadu(Y + j) - Vec(sy)).exp();
+      const Vec ex1 = (Vec::loadu(X + j + kW) - Vec(sx)).exp();
+      const Vec ey1 = (Vec::loadu(Y + j + kW) - Vec(sy)).exp();
+      ex0.store(EX + j);
+      ey0.store(EY + j);
+      ex1.store(EX + j + kW);
+      ey1.store(EY + j + kW);
+      zx0 = zx0 + ex0;
+      zy0 = zy0 + ey0;
+      zx1 = zx1 + ex1;
+      zy1 = zy1 + ey1;
     }
-    const double zxd = reduce_sum(zx), zyd = reduce_sum(zy);
+    const double zxd = reduce_sum(zx0) + reduce_sum(zx1), zyd = reduce_sum(zy0) + reduce_sum(zy1);
     const float lse_x = sx + static_cast<float>(std::log(zxd));
     const float lse_y = sy + static_cast<float>(std::log(zyd));
     const float inv_zx = static_cast<float>(1.0 / zxd), inv_zy = static_cast<float>(1.0 / zyd);
@@ -191,7 +205,7 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     auto out_row = [&](bool student_side) -> float* {
       void* base = student_side ? p.grad_student : p.grad_teacher;
       const c10::ScalarType dt = student_side ? p.student_dtype : p.teacher_dtype;
-      if (base != nullptr && dt == c10::ScalarType::Float && V % kW == 0)
+      if (base != nullptr && dt == c10::ScalarType::Float && V == Vp)
         return static_cast<float*>(base) + i * V;
       return nullptr;
     };
@@ -201,24 +215,28 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     float* gq = GQ ? GQ : EY;
 
     // pass 3: the loss and ΣU (KL with only the Q side wanted: g_Q = Q − P, done)
-    Vec acc_el(0.f), acc_up(0.f), acc_uq(0.f);
-    for (int64_t j = 0; j < Vp; j += kW) {
-      const Terms r = terms<kMode>(Vec::loadu(X + j), Vec::loadu(Y + j), Vec::loadu(EX + j),
-                                   Vec::loadu(EY + j), lse_x, lse_y, inv_zx, inv_zy, p.mix,
-                                   log_w, log_1mw);
-      acc_el = acc_el + r.el;
-      acc_up = acc_up + r.up;
-      acc_uq = acc_uq + r.uq;
-      if (fused_q) {
-        ((r.q - r.p) * Vec(q_factor)).store(gq + j);  // EY[j] is not read again
-      } else {
-        r.up.store(X + j);
-        r.uq.store(Y + j);
+    Vec acc_el[2] = {Vec(0.f), Vec(0.f)}, acc_up[2] = {Vec(0.f), Vec(0.f)},
+        acc_uq[2] = {Vec(0.f), Vec(0.f)};
+    for (int64_t j0 = 0; j0 < Vp; j0 += 2 * kW) {
+      for (int k = 0; k < 2; ++k) {
+        const int64_t j = j0 + k * kW;
+        const Terms r = terms<kMode>(Vec::loadu(X + j), Vec::loadu(Y + j), Vec::loadu(EX + j),
+                                     Vec::loadu(EY + j), lse_x, lse_y, inv_zx, inv_zy, p.mix,
+                                     log_w, log_1mw);
+        acc_el[k] = acc_el[k] + r.el;
+        acc_up[k] = acc_up[k] + r.up;
+        acc_uq[k] = acc_uq[k] + r.uq;
+        if (fused_q) {
+          ((r.q - r.p) * Vec(q_factor)).store(gq + j);  // EY[j] is not read again
+        } else {
+          r.up.store(X + j);
+          r.uq.store(Y + j);
+        }
       }
     }
-    p.loss_rows[i] = static_cast<float>(w * reduce_sum(acc_el));
-    const float sum_up = static_cast<float>(reduce_sum(acc_up));
-    const float sum_uq = static_cast<float>(reduce_sum(acc_uq));
+    p.loss_rows[i] = static_cast<float>(w * (reduce_sum(acc_el[0]) + reduce_sum(acc_el[1])));
+    const float sum_up = static_cast<float>(reduce_sum(acc_up[0]) + reduce_sum(acc_up[1]));
+    const float sum_uq = static_cast<float>(reduce_sum(acc_uq[0]) + reduce_sum(acc_uq[1]));
 
     // pass 4: g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q)
     if (!fused_q && (need_p || need_q)) {
