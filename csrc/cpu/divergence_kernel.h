@@ -3,8 +3,10 @@
 // KD_ROWS_FN. Math and names follow kdkernels/triton_kernels/divergence.py:
 //   pass 1  rows → fp32 scratch X (P logits / T) and Y (Q logits / T), padded with −inf; maxima
 //   pass 2  EX = exp(X − max X), EY = exp(Y − max Y) and their sums → log-sum-exps
+//           KL: also Σ e^x·(x − y) (x, y relative to their maxima), which gives the loss:
+//           KL(P‖Q) = Σe^x(x−y)/Zx − log Zx + log Zy; then one gradient pass
+//           (g_Q = Q − P, g_P = P·(log P − log Q − KL)) and done
 //   pass 3  P, Q, log P, log Q; U_P, U_Q (stored over X, Y), the loss, ΣU_P, ΣU_Q
-//           (KL with only the Q side wanted: g_Q = Q − P is written here; no pass 4)
 //   pass 4  g_P = c_P·(U_P − P·ΣU_P),  g_Q = c_Q·(U_Q − Q·ΣU_Q), written in the input dtype
 // A row of V floats ×4 stays in L2 for V up to ~32k, so DRAM sees each input once and each
 // gradient once. Every x·log-ratio is 0 where x == 0: no NaN from −inf logits or underflow.
@@ -123,6 +125,14 @@ const float* row_as_float(c10::ScalarType dt, const void* base, int64_t stride, 
   }
 }
 
+// Prefetch (towards L2) the part `step` of `steps` of a byte range: spread over a compute loop
+// on the current row, it brings the next row in while the current one is being computed on.
+inline void prefetch_part(const char* base, int64_t bytes, int64_t step, int64_t steps) {
+  const int64_t chunk = ((bytes + steps - 1) / steps + 63) / 64 * 64;
+  const int64_t begin = step * chunk, end = std::min(bytes, begin + chunk);
+  for (int64_t b = begin; b < end; b += 64) __builtin_prefetch(base + b, 0, 2);
+}
+
 // A vector of src at j (−inf past V).
 inline Vec load_padded(const float* src, int64_t j, int64_t V) {
   if (j + kW <= V) return Vec::loadu(src + j);
@@ -139,7 +149,6 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
   float *X = scratch.data(), *Y = X + Vp, *EX = Y + Vp, *EY = EX + Vp;
   const bool grad_s = p.grad_student != nullptr, grad_t = p.grad_teacher != nullptr;
   const bool need_p = p.swap ? grad_s : grad_t, need_q = p.swap ? grad_t : grad_s;
-  const bool fused_q = kMode == kKL && need_q && !need_p;
   const float log_w = std::log(p.mix), log_1mw = std::log1p(-p.mix);
   const bool scale = p.temperature != 1.f || p.taid;
 
@@ -179,12 +188,25 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
 
     // pass 2: exponentials and log-sum-exps
     const float sx = mx == kNegInf ? 0.f : mx, sy = my == kNegInf ? 0.f : my;
-    Vec zx0(0.f), zy0(0.f), zx1(0.f), zy1(0.f);
+    // The next row's inputs, prefetched during passes 2 (student) and 3 (teacher).
+    const bool prefetch = i + 1 < end;
+    const char* next_s = static_cast<const char*>(p.student) +
+                         (i + 1) * p.student_stride * c10::elementSize(p.student_dtype);
+    const char* next_t = static_cast<const char*>(p.teacher) +
+                         (i + 1) * p.teacher_stride * c10::elementSize(p.teacher_dtype);
+    const int64_t s_bytes = V * c10::elementSize(p.student_dtype);
+    const int64_t t_bytes = V * c10::elementSize(p.teacher_dtype);
+    const int64_t steps = Vp / (2 * kW);
+
+    Vec zx0(0.f), zy0(0.f), zx1(0.f), zy1(0.f), a0(0.f), a1(0.f);
     for (int64_t j = 0; j < Vp; j += 2 * kW) {
-      const Vec ex0 = (Vec::loadu(X + j) - Vec(sx)).exp();
-      const Vec ey0 = (Vec::loadu(Y + j) - Vec(sy)).exp();
-      const Vec ex1 = (Vec::loadu(X + j + kW) - Vec(sx)).exp();
-      const Vec ey1 = (Vec::loadu(Y + j + kW) - Vec(sy)).exp();
+      if (prefetch) {
+        prefetch_part(next_s, s_bytes, j / (2 * kW), steps);
+        if (kMode == kKL) prefetch_part(next_t, t_bytes, j / (2 * kW), steps);
+      }
+      const Vec x0 = Vec::loadu(X + j) - Vec(sx), y0 = Vec::loadu(Y + j) - Vec(sy);
+      const Vec x1 = Vec::loadu(X + j + kW) - Vec(sx), y1 = Vec::loadu(Y + j + kW) - Vec(sy);
+      const Vec ex0 = x0.exp(), ey0 = y0.exp(), ex1 = x1.exp(), ey1 = y1.exp();
       ex0.store(EX + j);
       ey0.store(EY + j);
       ex1.store(EX + j + kW);
@@ -193,6 +215,10 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
       zy0 = zy0 + ey0;
       zx1 = zx1 + ex1;
       zy1 = zy1 + ey1;
+      if constexpr (kMode == kKL) {  // Σ e^x·(x − y), both relative to their maxima
+        a0 = a0 + xlr(ex0, x0, y0);
+        a1 = a1 + xlr(ex1, x1, y1);
+      }
     }
     const double zxd = reduce_sum(zx0) + reduce_sum(zx1), zyd = reduce_sum(zy0) + reduce_sum(zy1);
     const float lse_x = sx + static_cast<float>(std::log(zxd));
@@ -214,10 +240,28 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     float* gp = GP ? GP : EX;
     float* gq = GQ ? GQ : EY;
 
-    // pass 3: the loss and ΣU (KL with only the Q side wanted: g_Q = Q − P, done)
+    if constexpr (kMode == kKL) {
+      // KL(P‖Q) = Σ P·(lP − lQ) = Σ e^x·(x − y)/Zx − log Zx + log Zy  (x, y max-relative)
+      const double kl = (reduce_sum(a0) + reduce_sum(a1)) / zxd - std::log(zxd) + std::log(zyd);
+      p.loss_rows[i] = static_cast<float>(w * kl);
+      // one gradient pass: g_Q = Q − P;  g_P = P·(lP − lQ − KL)
+      const float log_ratio_z = static_cast<float>(std::log(zyd) - std::log(zxd) - kl);
+      if (need_p || need_q) {
+        for (int64_t j = 0; j < Vp; j += kW) {
+          const Vec pv = Vec::loadu(EX + j) * Vec(inv_zx), qv = Vec::loadu(EY + j) * Vec(inv_zy);
+          if (need_q) ((qv - pv) * Vec(q_factor)).store(gq + j);
+          if (need_p) {
+            const Vec d = (Vec::loadu(X + j) - Vec(sx)) - (Vec::loadu(Y + j) - Vec(sy));
+            (Vec(p_factor) * xlr(pv, d + Vec(log_ratio_z), Vec(0.f))).store(gp + j);
+          }
+        }
+      }
+    } else {
+    // pass 3: the loss and ΣU
     Vec acc_el[2] = {Vec(0.f), Vec(0.f)}, acc_up[2] = {Vec(0.f), Vec(0.f)},
         acc_uq[2] = {Vec(0.f), Vec(0.f)};
     for (int64_t j0 = 0; j0 < Vp; j0 += 2 * kW) {
+      if (prefetch) prefetch_part(next_t, t_bytes, j0 / (2 * kW), steps);
       for (int k = 0; k < 2; ++k) {
         const int64_t j = j0 + k * kW;
         const Terms r = terms<kMode>(Vec::loadu(X + j), Vec::loadu(Y + j), Vec::loadu(EX + j),
@@ -226,12 +270,8 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
         acc_el[k] = acc_el[k] + r.el;
         acc_up[k] = acc_up[k] + r.up;
         acc_uq[k] = acc_uq[k] + r.uq;
-        if (fused_q) {
-          ((r.q - r.p) * Vec(q_factor)).store(gq + j);  // EY[j] is not read again
-        } else {
-          r.up.store(X + j);
-          r.uq.store(Y + j);
-        }
+        r.up.store(X + j);
+        r.uq.store(Y + j);
       }
     }
     p.loss_rows[i] = static_cast<float>(w * (reduce_sum(acc_el[0]) + reduce_sum(acc_el[1])));
@@ -239,7 +279,7 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     const float sum_uq = static_cast<float>(reduce_sum(acc_uq[0]) + reduce_sum(acc_uq[1]));
 
     // pass 4: g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q)
-    if (!fused_q && (need_p || need_q)) {
+    if (need_p || need_q) {
       const float cp = p.c_p * p_factor, cq = p.c_q * q_factor;
       for (int64_t j = 0; j < Vp; j += kW) {
         if (need_p) {
@@ -252,6 +292,7 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
         }
       }
     }
+    }  // modes other than KL
     // Hand the gradients not written in place to the student / teacher buffers.
     if (need_p && !GP) store_row_any(p.swap ? p.student_dtype : p.teacher_dtype,
                                      p.swap ? p.grad_student : p.grad_teacher, i, V, EX);

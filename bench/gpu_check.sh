@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU check for a lent GPU machine (the device tool's `run`); at most ~8 minutes on an H200.
+#
+# Prepare here (no GPU needed), once:   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5 pytest-benchmark==5.2.3 py-cpuinfo
+# Then run there:   bash bench/gpu_check.sh        (carry: [".whl"])
+# Everything lands in $OUT: nvidia-smi.txt, install.log, tests.log, bench.txt, bench.json,
+# summary.txt. Copy the numbers into bench/results/DATE-GPU.md and the README table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kdkernels-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+say() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/summary.txt"; }
+
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  say "no CUDA device visible to torch: nothing to check"; exit 2
+fi
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/summary.txt"
+
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (Liger, pytest-benchmark)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+say "build"
+if ! MAX_JOBS=16 timeout 240 python3 setup.py build_ext --inplace > "$OUT/install.log" 2>&1; then
+  say "build FAILED (see install.log); the tests below use the fallbacks"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import kdkernels; print(kdkernels.backend_info())" | tee -a "$OUT/summary.txt"
+
+say "tests (every backend present, Triton on the GPU)"
+timeout 200 python3 -m pytest python_tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1
+say "tests exit $? : $(tail -1 "$OUT/tests.log")"
+
+say "benchmarks (bf16, N=8192, V=128256; fkl, jsd, tvd)"
+KDK_BENCH_KINDS=fkl,jsd,tvd timeout 200 python3 -m pytest bench/ --benchmark-only \
+  --benchmark-json="$OUT/bench.json" -q > "$OUT/bench.txt" 2>&1
+say "bench exit $?"
+grep -B1 -A7 "impl  " "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
+say "done"
