@@ -11,6 +11,14 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def grad_dtype(input_dtype):
+    """dtype in which the kernels write a gradient: the input's, but fp32 for fp16 inputs
+    (backward scales it, then rounds once to fp16, as eager autograd does: rounded at the
+    loss' own scale, small gradients would underflow before a GradScaler's factor).
+    Same rule in csrc/cpu/divergence.h (grad_dtype)."""
+    return torch.float32 if input_dtype == torch.float16 else input_dtype
+
+
 # ----------------------------------------------------------------------------- checks
 def check_logits(name, x):
     if not isinstance(x, torch.Tensor):
@@ -65,48 +73,51 @@ def check_choice(name, value, choices):
 
 
 # ----------------------------------------------------------------------- rows and weights
+def _check_row_tensor(name, x, lead_shape, device, is_right_dtype, expected):
+    """labels / mask: a tensor of the right dtype, shaped like the logits' leading dims."""
+    if not isinstance(x, torch.Tensor) or not is_right_dtype(x.dtype):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be {expected} shaped like the logits' leading dims "
+                        f"{tuple(lead_shape)}, got {got}")
+    if tuple(x.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} must have shape {tuple(lead_shape)} (the logits' leading "
+                         f"dims), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+
+
+def _is_integer_dtype(dtype):
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def kept_rows(lead_shape, device, *, labels=None, ignore_index=-100, mask=None):
     """Boolean (N,) tensor of the rows that count, or None when every row counts."""
     if labels is not None and mask is not None:
         raise ValueError("give labels (with ignore_index) or mask, not both")
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() \
-                or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError("labels must be an integer tensor shaped like the logits' leading "
-                            f"dims {tuple(lead_shape)}, got "
-                            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        if tuple(labels.shape) != tuple(lead_shape):
-            raise ValueError(f"labels must have shape {tuple(lead_shape)} (the logits' leading "
-                             f"dims), got {tuple(labels.shape)}")
-        if labels.device != device:
-            raise ValueError(f"labels must be on {device}, got {labels.device}")
+        _check_row_tensor("labels", labels, lead_shape, device, _is_integer_dtype,
+                          "an integer tensor")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         return (labels != ignore_index).reshape(-1)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError("mask must be a bool tensor shaped like the logits' leading dims "
-                            f"{tuple(lead_shape)} (True = keep the row), got "
-                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-        if tuple(mask.shape) != tuple(lead_shape):
-            raise ValueError(f"mask must have shape {tuple(lead_shape)} (the logits' leading "
-                             f"dims), got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask must be on {device}, got {mask.device}")
+        _check_row_tensor("mask", mask, lead_shape, device, lambda d: d == torch.bool,
+                          "a bool tensor (True = keep the row)")
         return mask.reshape(-1)
     return None
 
 
-def row_weights(n_rows, kept, *, scale, reduction, num_items, device):
-    """float32 (N,) weights w such that loss = Σ_rows w·loss_row (or w·loss_row per row for
-    reduction='none'). Dropped rows get 0; 'mean' divides by the kept rows (at least 1, so
-    all-dropped gives 0, not NaN) or by num_items."""
+def row_weights(n_rows, kept, *, scale, reduction, num_items, device, dtype=torch.float32):
+    """(N,) weights w such that loss = Σ_rows w·loss_row (or w·loss_row per row for
+    reduction='none'). Dropped rows get 0 (and a weight of 0 is how the kernels know a row is
+    dropped: they never read it); 'mean' divides by the kept rows (at least 1, so all-dropped
+    gives 0, not NaN) or by num_items. float32, or float64 for the float64 reference."""
     if num_items is not None and reduction != "mean":
         raise ValueError(f"num_items is only used with reduction='mean', got reduction={reduction!r}")
     if kept is None:
-        w = torch.full((n_rows,), float(scale), dtype=torch.float32, device=device)
+        w = torch.full((n_rows,), float(scale), dtype=dtype, device=device)
     else:
-        w = kept.to(torch.float32) * float(scale)
+        w = kept.to(dtype) * float(scale)
     if reduction != "mean":
         return w
     if num_items is not None:
@@ -114,11 +125,15 @@ def row_weights(n_rows, kept, *, scale, reduction, num_items, device):
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be a number or a one-element tensor, got shape "
                                  f"{tuple(num_items.shape)}")
-            return w / num_items.reshape(()).to(device=device, dtype=torch.float32)
+            num_items = num_items.reshape(()).to(device=device, dtype=dtype)
+            if type(num_items) is torch.Tensor and num_items.device.type == "cpu" \
+                    and not torch.compiler.is_compiling() and not bool(num_items > 0):
+                raise ValueError(f"num_items must be > 0, got {num_items.item()}")
+            return w / num_items
         return w / check_real("num_items", num_items, low=0.0, low_open=True)
     if kept is None:
         return w / max(n_rows, 1)
-    return w / kept.sum().clamp_min(1).to(torch.float32)
+    return w / kept.sum().clamp_min(1).to(dtype)
 
 
 def as_rows(x):
@@ -152,10 +167,13 @@ def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergen
         if any(d == torch.float64 for d in dtypes):
             return "reference"
         if device.type == "cuda":
-            return "cuda" if _extension.native_available(family, "CUDA") else "triton"
-        if device.type == "cpu":
+            if _extension.native_available(family, "CUDA"):
+                return "cuda"
+            backend = "triton"  # checked below: triton must be importable
+        elif device.type == "cpu":
             return "cpu" if _extension.native_available(family, "CPU", warn=True) else "reference"
-        return "reference"
+        else:
+            return "reference"
 
     if backend in ("cpu", "cuda", "triton") and any(d == torch.float64 for d in dtypes):
         raise TypeError(f"backend={backend!r} takes float32, bfloat16 or float16 logits; "
@@ -182,5 +200,6 @@ def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergen
         try:
             import triton  # noqa: F401, PLC0415
         except ImportError as e:
-            raise ValueError("backend='triton' needs the triton package: pip install triton") from e
+            raise ValueError("backend='triton' (the default for CUDA tensors) needs the triton "
+                             "package: pip install triton") from e
     return backend

@@ -20,7 +20,7 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
         kind: "fkl" KL(p‖q) · "rkl" KL(q‖p) · "jsd" β·KL(p‖m)+(1−β)·KL(q‖m), m=βp+(1−β)q ·
             "tvd" ½Σ|p−q| · "skew_fkl" KL(p‖αp+(1−α)q) · "skew_rkl" KL(q‖αq+(1−α)p);
             p = softmax(teacher/T), q = softmax(student/T).
-        temperature: T > 0, divides both logits.
+        temperature: T in [1e-6, 1e6], divides both logits.
         beta: β in [0, 1] for "jsd"; β=0 is exactly "fkl", β=1 exactly "rkl" (TRL's convention).
         skew: α in [0, 1) for the skew kinds (α = 0 is the plain KL).
         taid_t: TAID's λ in [0, 1]; the target becomes softmax(((1−λ)·sg(s) + λ·t)/T).
@@ -37,7 +37,8 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
     """
     P.check_pair(student_logits, teacher_logits)
     P.check_choice("kind", kind, KINDS)
-    temperature = P.check_real("temperature", temperature, low=0.0, low_open=True)
+    # The range keeps T² and logits/T far from fp32 underflow / overflow.
+    temperature = P.check_real("temperature", temperature, low=1e-6, high=1e6)
     beta = P.check_real("beta", beta, low=0.0, high=1.0)
     skew = P.check_real("skew", skew, low=0.0, high=1.0, high_open=True)
     if taid_t is not None:
@@ -50,9 +51,11 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
     n_rows = student_logits.numel() // student_logits.shape[-1]
     device = student_logits.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
-    weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,
-                           reduction=reduction, num_items=num_items, device=device)
     backend = P.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
+    fp64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
+    weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,
+                           reduction=reduction, num_items=num_items, device=device,
+                           dtype=torch.float64 if backend == "reference" and fp64 else torch.float32)
 
     if backend == "reference":
         loss = _reference(student_logits, teacher_logits, weight, kept, kind=kind,

@@ -7,7 +7,8 @@ from .divergence import divergence
 class DivergenceLoss(torch.nn.Module):
     """Module form of kdkernels.divergence; keyword arguments are the same.
 
-    forward(student_logits, teacher_logits, labels=None, mask=None, num_items=None)."""
+    forward(student_logits, teacher_logits, labels=None, mask=None, num_items=None,
+    taid_t=None): taid_t given per call overrides the module's (TAID moves λ every step)."""
 
     def __init__(self, kind="fkl", **options):
         super().__init__()
@@ -19,9 +20,11 @@ class DivergenceLoss(torch.nn.Module):
         divergence(torch.zeros(1, 2), torch.zeros(1, 2), kind=kind,
                    **{**options, "backend": "reference"})  # validate the options now, not at step 1
 
-    def forward(self, student_logits, teacher_logits, labels=None, mask=None, num_items=None):
+    def forward(self, student_logits, teacher_logits, labels=None, mask=None, num_items=None,
+                taid_t=None):
+        options = self.options if taid_t is None else {**self.options, "taid_t": taid_t}
         return divergence(student_logits, teacher_logits, kind=self.kind, labels=labels,
-                          mask=mask, num_items=num_items, **self.options)
+                          mask=mask, num_items=num_items, **options)
 
     def extra_repr(self):
         return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])

@@ -249,6 +249,35 @@ def test_taid(backend, device, taid_t, kind):
     check_against_reference(backend, s, t, kind=kind, taid_t=taid_t, temperature=2.0)
 
 
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_taid_with_ties(backend, device):
+    """s == t at some entries (common with bf16 logits): the teacher's gradient there is λ/T·…"""
+    s = logits((5, 300), torch.bfloat16, device, seed=40, scale=1.0)
+    t = s.clone()
+    t[:, ::2] = logits((5, 150), torch.bfloat16, device, seed=41, scale=1.0)
+    check_against_reference(backend, s, t, kind="fkl", taid_t=0.5, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_scaler_factor(backend, device, dtype):
+    """A GradScaler multiplies the loss by 2^16 (inf in fp16): gradients must be scaled before
+    their one rounding, as in eager autograd, so none overflows and the small ones survive."""
+    s = logits((512, 64), dtype, device, seed=42)
+    t = logits((512, 64), dtype, device, seed=43)
+    loss, gs, gt = check_against_reference(backend, s, t, grad_out=torch.tensor(65536.0, device=device))
+    ref = evaluate("reference", s.float(), t.float(), grad_out=torch.tensor(65536.0, device=device))
+    lost = (gs == 0) & (ref[1].to(dtype) != 0)
+    assert not lost.any(), f"{int(lost.sum())} gradients underflowed to 0"
+
+
+def test_module_taid_per_call():
+    s, t = logits((4, 50), torch.float32, "cpu", seed=44), logits((4, 50), torch.float32, "cpu", seed=45)
+    m = kdkernels.nn.KLDivLoss(taid_t=0.2, temperature=2.0)
+    assert m(s, t, taid_t=0.7) == kdkernels.kl_div(s, t, taid_t=0.7, temperature=2.0)
+    assert m(s, t) == kdkernels.kl_div(s, t, taid_t=0.2, temperature=2.0)
+
+
 def test_taid_target_is_interpolation():
     s = logits((4, 50), torch.float64, "cpu", seed=26)
     t = logits((4, 50), torch.float64, "cpu", seed=27)
@@ -446,6 +475,8 @@ def test_bad_inputs():
     _bad("floating", TypeError, t=torch.ones(4, 10, dtype=torch.int32))
     _bad("V >= 1", s=torch.randn(4, 0), t=torch.randn(4, 0))
     _bad("temperature", temperature=0.0)
+    _bad("temperature", temperature=1e-23)  # T² would underflow fp32: every row silently dropped
+    _bad("num_items must be > 0", num_items=torch.tensor(0))
     _bad("temperature", temperature=-1.0)
     _bad("temperature", temperature=float("nan"))
     _bad("temperature", TypeError, temperature="2")
@@ -481,3 +512,20 @@ def test_devices_differ():
 def test_meta_device_is_refused_by_cpu_backend():
     _bad("backend='cpu' needs CPU tensors", s=torch.randn(4, 10, device="meta"),
          t=torch.randn(4, 10, device="meta"), backend="cpu")
+
+
+# ------------------------------------------------- Triton: the real compiler, no GPU needed
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_kernels_compile_for_gpus():
+    """The interpreter runs the kernels here but is lenient; the real Triton compiler (down to
+    PTX and a cubin through the ptxas Triton ships) must accept every mode and flag
+    combination, for sm_80 and sm_90. Runs in a subprocess: TRITON_INTERPRET must be unset."""
+    pytest.importorskip("triton.backends.nvidia")
+    script = os.path.join(os.path.dirname(__file__), "compile_triton_kernels.py")
+    package_root = os.path.dirname(os.path.dirname(kdkernels.__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = package_root
+    out = subprocess.run([sys.executable, script, "80", "90"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "compiled 48 variants for sm_80" in out.stdout and "for sm_90" in out.stdout

@@ -80,8 +80,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   TORCH_CHECK(w.dim() == 1 && w.size(0) == n, "kdkernels.divergence_fwd: row_weight must be (N,)");
 
   at::Tensor loss_rows = at::empty({n}, student.options().dtype(at::kFloat));
-  at::Tensor gs = grad_student ? empty_rows(n, v, student.options()) : at::empty({0}, student.options());
-  at::Tensor gt = grad_teacher ? empty_rows(n, v, teacher.options()) : at::empty({0}, teacher.options());
+  const auto gs_opt = student.options().dtype(grad_dtype(student.scalar_type()));
+  const auto gt_opt = teacher.options().dtype(grad_dtype(teacher.scalar_type()));
+  at::Tensor gs = grad_student ? empty_rows(n, v, gs_opt) : at::empty({0}, gs_opt);
+  at::Tensor gt = grad_teacher ? empty_rows(n, v, gt_opt) : at::empty({0}, gt_opt);
 
   DivergenceParams p{};
   p.student = student.data_ptr();
@@ -92,6 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   p.teacher_dtype = teacher.scalar_type();
   p.grad_student = grad_student ? gs.data_ptr() : nullptr;
   p.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
+  p.grad_student_dtype = gs.scalar_type();
+  p.grad_teacher_dtype = gt.scalar_type();
   p.row_weight = w.data_ptr<float>();
   p.loss_rows = loss_rows.data_ptr<float>();
   p.n_rows = n;

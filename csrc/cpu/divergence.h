@@ -16,8 +16,9 @@ struct DivergenceParams {
   const void* teacher;
   int64_t student_stride, teacher_stride;
   c10::ScalarType student_dtype, teacher_dtype;
-  void* grad_student;  // contiguous (n_rows, vocab) in the student's dtype, or nullptr
+  void* grad_student;  // contiguous (n_rows, vocab), or nullptr (see grad_dtype())
   void* grad_teacher;  // likewise for the teacher
+  c10::ScalarType grad_student_dtype, grad_teacher_dtype;
   const float* row_weight;  // w_i: masks, T², 1/denominator; 0 = dropped row
   float* loss_rows;         // out: w_i · L_i
   int64_t n_rows, vocab;
@@ -27,6 +28,13 @@ struct DivergenceParams {
   float c_p, c_q;               // gradient coefficients of the P and Q sides
   float gs_factor, gt_factor;   // d(logits/T)/d(logits) (× λ for the teacher)
 };
+
+// Gradients come in the input's dtype, except fp16 ones, which come in fp32: backward scales
+// them by the incoming gradient (a GradScaler's 2^16, say) before the one rounding to fp16,
+// as eager autograd does; rounded first, the small ones would underflow to 0.
+inline c10::ScalarType grad_dtype(c10::ScalarType input) {
+  return input == c10::ScalarType::Half ? c10::ScalarType::Float : input;
+}
 
 using DivergenceRowsFn = void (*)(const DivergenceParams&, int64_t row_begin, int64_t row_end);
 

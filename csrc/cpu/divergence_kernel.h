@@ -156,28 +156,28 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     const float w = p.row_weight[i];
     if (w == 0.f) {  // dropped row: never read, zero gradient
       p.loss_rows[i] = 0.f;
-      if (grad_s) zero_row_any(p.student_dtype, p.grad_student, i, V);
-      if (grad_t) zero_row_any(p.teacher_dtype, p.grad_teacher, i, V);
+      if (grad_s) zero_row_any(p.grad_student_dtype, p.grad_student, i, V);
+      if (grad_t) zero_row_any(p.grad_teacher_dtype, p.grad_teacher, i, V);
       continue;
     }
-    // pass 1: rows → fp32 scratch S, T (X, Y in either order), padded with −inf; TAID; / T;
-    // maxima. This is the one read of the inputs from memory.
-    float* S = p.swap ? X : Y;
-    float* T = p.swap ? Y : X;
-    const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, S);
-    const float* t_in = row_as_float(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, T);
+    // pass 1: rows → fp32 scratch (student and teacher rows are X, Y in either order), padded
+    // with −inf; TAID; / temperature; maxima. This is the one read of the inputs from memory.
+    float* student_row = p.swap ? X : Y;
+    float* teacher_row = p.swap ? Y : X;
+    const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, student_row);
+    const float* t_in = row_as_float(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, teacher_row);
     Vec ms(kNegInf), mt(kNegInf);
     for (int64_t j = 0; j < Vp; j += kW) {
       Vec s = load_padded(s_in, j, V), t = load_padded(t_in, j, V);
       if (scale) {
-        if (p.taid) {  // TAID target (1−λ)·s + λ·t; both −inf stays −inf
-          t = p.lam == 0.f ? s : Vec::blendv(Vec(p.lam) * t + Vec(1.f - p.lam) * s, t, s == t);
+        if (p.taid) {  // TAID target λ·t + (1−λ)·s (0 < λ < 1: −inf entries stay −inf)
+          t = p.lam == 0.f ? s : Vec(p.lam) * t + Vec(1.f - p.lam) * s;
         }
         s = s / Vec(p.temperature);
         t = t / Vec(p.temperature);
       }
-      s.store(S + j);
-      t.store(T + j);
+      s.store(student_row + j);
+      t.store(teacher_row + j);
       ms = at::vec::maximum(ms, s);
       mt = at::vec::maximum(mt, t);
     }
@@ -230,7 +230,7 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     const float p_factor = w * (p.swap ? p.gs_factor : p.gt_factor);
     auto out_row = [&](bool student_side) -> float* {
       void* base = student_side ? p.grad_student : p.grad_teacher;
-      const c10::ScalarType dt = student_side ? p.student_dtype : p.teacher_dtype;
+      const c10::ScalarType dt = student_side ? p.grad_student_dtype : p.grad_teacher_dtype;
       if (base != nullptr && dt == c10::ScalarType::Float && V == Vp)
         return static_cast<float*>(base) + i * V;
       return nullptr;
@@ -256,47 +256,47 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
           }
         }
       }
-    } else {
-    // pass 3: the loss and ΣU
-    Vec acc_el[2] = {Vec(0.f), Vec(0.f)}, acc_up[2] = {Vec(0.f), Vec(0.f)},
-        acc_uq[2] = {Vec(0.f), Vec(0.f)};
-    for (int64_t j0 = 0; j0 < Vp; j0 += 2 * kW) {
-      if (prefetch) prefetch_part(next_t, t_bytes, j0 / (2 * kW), steps);
-      for (int k = 0; k < 2; ++k) {
-        const int64_t j = j0 + k * kW;
-        const Terms r = terms<kMode>(Vec::loadu(X + j), Vec::loadu(Y + j), Vec::loadu(EX + j),
-                                     Vec::loadu(EY + j), lse_x, lse_y, inv_zx, inv_zy, p.mix,
-                                     log_w, log_1mw);
-        acc_el[k] = acc_el[k] + r.el;
-        acc_up[k] = acc_up[k] + r.up;
-        acc_uq[k] = acc_uq[k] + r.uq;
-        r.up.store(X + j);
-        r.uq.store(Y + j);
+    } else {  // other modes: passes 3 and 4
+      // pass 3: the loss and ΣU
+      Vec acc_el[2] = {Vec(0.f), Vec(0.f)}, acc_up[2] = {Vec(0.f), Vec(0.f)},
+          acc_uq[2] = {Vec(0.f), Vec(0.f)};
+      for (int64_t j0 = 0; j0 < Vp; j0 += 2 * kW) {
+        if (prefetch) prefetch_part(next_t, t_bytes, j0 / (2 * kW), steps);
+        for (int k = 0; k < 2; ++k) {
+          const int64_t j = j0 + k * kW;
+          const Terms r = terms<kMode>(Vec::loadu(X + j), Vec::loadu(Y + j), Vec::loadu(EX + j),
+                                       Vec::loadu(EY + j), lse_x, lse_y, inv_zx, inv_zy, p.mix,
+                                       log_w, log_1mw);
+          acc_el[k] = acc_el[k] + r.el;
+          acc_up[k] = acc_up[k] + r.up;
+          acc_uq[k] = acc_uq[k] + r.uq;
+          r.up.store(X + j);
+          r.uq.store(Y + j);
+        }
       }
-    }
-    p.loss_rows[i] = static_cast<float>(w * (reduce_sum(acc_el[0]) + reduce_sum(acc_el[1])));
-    const float sum_up = static_cast<float>(reduce_sum(acc_up[0]) + reduce_sum(acc_up[1]));
-    const float sum_uq = static_cast<float>(reduce_sum(acc_uq[0]) + reduce_sum(acc_uq[1]));
+      p.loss_rows[i] = static_cast<float>(w * (reduce_sum(acc_el[0]) + reduce_sum(acc_el[1])));
+      const float sum_up = static_cast<float>(reduce_sum(acc_up[0]) + reduce_sum(acc_up[1]));
+      const float sum_uq = static_cast<float>(reduce_sum(acc_uq[0]) + reduce_sum(acc_uq[1]));
 
-    // pass 4: g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q)
-    if (need_p || need_q) {
-      const float cp = p.c_p * p_factor, cq = p.c_q * q_factor;
-      for (int64_t j = 0; j < Vp; j += kW) {
-        if (need_p) {
-          const Vec pv = Vec::loadu(EX + j) * Vec(inv_zx);
-          (Vec(cp) * (Vec::loadu(X + j) - pv * Vec(sum_up))).store(gp + j);
-        }
-        if (need_q) {
-          const Vec qv = Vec::loadu(EY + j) * Vec(inv_zy);
-          (Vec(cq) * (Vec::loadu(Y + j) - qv * Vec(sum_uq))).store(gq + j);
+      // pass 4: g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q)
+      if (need_p || need_q) {
+        const float cp = p.c_p * p_factor, cq = p.c_q * q_factor;
+        for (int64_t j = 0; j < Vp; j += kW) {
+          if (need_p) {
+            const Vec pv = Vec::loadu(EX + j) * Vec(inv_zx);
+            (Vec(cp) * (Vec::loadu(X + j) - pv * Vec(sum_up))).store(gp + j);
+          }
+          if (need_q) {
+            const Vec qv = Vec::loadu(EY + j) * Vec(inv_zy);
+            (Vec(cq) * (Vec::loadu(Y + j) - qv * Vec(sum_uq))).store(gq + j);
+          }
         }
       }
     }
-    }  // modes other than KL
     // Hand the gradients not written in place to the student / teacher buffers.
-    if (need_p && !GP) store_row_any(p.swap ? p.student_dtype : p.teacher_dtype,
+    if (need_p && !GP) store_row_any(p.swap ? p.grad_student_dtype : p.grad_teacher_dtype,
                                      p.swap ? p.grad_student : p.grad_teacher, i, V, EX);
-    if (need_q && !GQ) store_row_any(p.swap ? p.teacher_dtype : p.student_dtype,
+    if (need_q && !GQ) store_row_any(p.swap ? p.grad_teacher_dtype : p.grad_student_dtype,
                                      p.swap ? p.grad_teacher : p.grad_student, i, V, EY);
   }
 }

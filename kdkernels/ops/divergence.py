@@ -5,7 +5,8 @@
 
 Both take logits as (N, V) rows (any row stride, unit column stride) and return
     loss          Σ_i w_i·L_i (shape ()) if reduce, else w_i·L_i per row (shape (N,)), float32
-    grad_student  d loss_i / d student_i, (N, V) in the student's dtype, or empty if not asked
+    grad_student  d loss_i / d student_i, (N, V) in the student's dtype (fp32 for fp16: see
+                  _plumbing.grad_dtype), or empty if not asked
     grad_teacher  d loss_i / d teacher_i, likewise
 computed in ONE forward launch: backward only scales the saved gradients by the incoming
 gradient (in place; skipped when it is exactly 1).
@@ -19,6 +20,7 @@ where P is the teacher distribution and Q the student's, or the other way round 
 import torch
 from torch import Tensor
 
+from .._plumbing import grad_dtype
 from ..reference.divergence import canonical_kind
 
 MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
@@ -42,8 +44,8 @@ def kernel_args(kind, beta, skew):
 def _fake(student, teacher, row_weight, mode, swap, mix, temperature, taid, reduce,
           grad_student, grad_teacher):
     loss = row_weight.new_empty(() if reduce else (student.shape[0],), dtype=torch.float32)
-    gs = student.new_empty(student.shape if grad_student else (0,))
-    gt = teacher.new_empty(teacher.shape if grad_teacher else (0,))
+    gs = student.new_empty(student.shape if grad_student else (0,), dtype=grad_dtype(student.dtype))
+    gt = teacher.new_empty(teacher.shape if grad_teacher else (0,), dtype=grad_dtype(teacher.dtype))
     return loss, gs, gt
 
 
@@ -57,6 +59,7 @@ def _setup_context(ctx, inputs, output):
     _, gs, gt = output
     ctx.set_materialize_grads(False)  # the grad outputs are never used: no (N, V) zeros for them
     ctx.reduce = inputs[SCHEMA_ARGS.index("reduce")]
+    ctx.input_dtypes = (inputs[0].dtype, inputs[1].dtype)
     if not _eager(gs):
         ctx.save_for_backward(gs, gt)
         ctx.handed_over = None
@@ -66,16 +69,20 @@ def _setup_context(ctx, inputs, output):
         ctx.handed_over = [gs.detach(), gt.detach()]
 
 
-def _scale(grad, grad_loss, reduce):
-    """grad (N, V) times the incoming gradient: a scalar if reduce, else one per row."""
-    if grad.numel() == 0:
+def _scale(grad, grad_loss, reduce, dtype):
+    """grad (N, V) times the incoming gradient (a scalar if reduce, else one per row), in the
+    input's dtype. The factor is never rounded to the gradient's dtype first (a GradScaler's
+    2^16 is inf in fp16); fp16 gradients arrive in fp32 and are rounded once, at the end."""
+    if grad.numel() == 0 or grad_loss is None:
         return None
     factor = grad_loss if reduce else grad_loss.unsqueeze(-1)
     if not (_eager(grad) and _eager(grad_loss)):
-        return grad * factor.to(grad.dtype)  # functional while traced (Inductor fuses it)
-    if reduce and bool(grad_loss == 1):
-        return grad  # the common case: loss.backward() on the loss itself; no pass at all
-    return grad.mul_(factor.to(grad.dtype))  # in place: no second (N, V) buffer
+        return (grad * factor).to(dtype)  # functional while traced (Inductor fuses it)
+    if reduce and grad_loss.device.type == "cpu" and bool(grad_loss == 1):
+        return grad.to(dtype)  # loss.backward() on the loss itself: no pass at all
+    # In place: no second (N, V) buffer. (On CUDA always, rather than a host sync to test
+    # for 1: one extra pass over the gradient.)
+    return grad.mul_(factor).to(dtype)
 
 
 def _backward(ctx, grad_loss, _unused_gs, _unused_gt):
@@ -88,7 +95,8 @@ def _backward(ctx, grad_loss, _unused_gs, _unused_gt):
         raise RuntimeError("kdkernels: backward through the same kdkernels loss twice "
                            "(retain_graph=True) is not supported: the fused kernels hand over "
                            "their saved gradient on the first backward. Compute the loss again.")
-    return (_scale(gs, grad_loss, ctx.reduce), _scale(gt, grad_loss, ctx.reduce)) + (None,) * 9
+    return (_scale(gs, grad_loss, ctx.reduce, ctx.input_dtypes[0]),
+            _scale(gt, grad_loss, ctx.reduce, ctx.input_dtypes[1])) + (None,) * (len(SCHEMA_ARGS) - 2)
 
 
 @torch.library.custom_op("kdkernels::divergence_fwd_triton", mutates_args=(), device_types=None)

@@ -58,9 +58,8 @@ def taid_target(student, teacher, taid_t):
         return teacher
     if taid_t == 0.0:
         return s
-    mixed = taid_t * teacher + (1.0 - taid_t) * s
-    # −inf in both (a masked vocabulary entry) stays −inf rather than NaN.
-    return torch.where(s == teacher, teacher, mixed)
+    # 0 < λ < 1: an entry −inf in either stays −inf (no 0·inf), with zero gradient.
+    return taid_t * teacher + (1.0 - taid_t) * s
 
 
 def canonical_kind(kind, beta, skew):

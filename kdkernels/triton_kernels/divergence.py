@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._plumbing import triton_interpreted
+from .._plumbing import grad_dtype, triton_interpreted
 
 MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
 
@@ -32,9 +32,8 @@ def _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP: tl.constexpr, TAI
     v_live is V for a kept row and 0 for a dropped one, which is then never read."""
     s = tl.load(S + cols, mask=cols < v_live, other=float("-inf")).to(tl.float32)
     t = tl.load(T + cols, mask=cols < v_live, other=float("-inf")).to(tl.float32)
-    if TAID:  # TAID target (1−λ)·s + λ·t; both −inf stays −inf
-        t = tl.where(s == t, t, lam * t + (1.0 - lam) * s)
-        t = tl.where(lam == 0.0, s, t)
+    if TAID:  # TAID target λ·t + (1−λ)·s (0 < λ < 1: −inf entries stay −inf); λ = 0: s
+        t = tl.where(lam == 0.0, s, lam * t + (1.0 - lam) * s)
     s = tl.where(live, s, 0.0)  # a dropped row is never read; keep its math finite
     t = tl.where(live, t, 0.0)
     if SWAP:
@@ -201,10 +200,8 @@ def divergence_fwd(student, teacher, row_weight, mode, swap, mix, temperature, t
     """Launcher behind kdkernels::divergence_fwd_triton (see kdkernels/ops/divergence.py)."""
     n, v = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
-        else student.new_empty((0,))
-    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
-        else teacher.new_empty((0,))
+    gs = student.new_empty((n, v) if grad_student else (0,), dtype=grad_dtype(student.dtype))
+    gt = teacher.new_empty((n, v) if grad_teacher else (0,), dtype=grad_dtype(teacher.dtype))
     if n > 0:
         need_q = (grad_student and not swap) or (grad_teacher and swap)
         need_p = (grad_student and swap) or (grad_teacher and not swap)

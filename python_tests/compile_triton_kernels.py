@@ -1,0 +1,38 @@
+"""Compile kdkernels' Triton kernels with the real compiler for GPU architectures given on the
+command line (e.g. `python compile_triton_kernels.py 80 90`), without a GPU. Used by
+test_divergence.py::test_triton_kernels_compile_for_gpus (TRITON_INTERPRET must be unset)."""
+import itertools
+import os
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kdkernels.triton_kernels.divergence import _divergence_fwd_kernel
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
+
+PTRS = {"S": "*bf16", "T": "*fp16", "W": "*fp32", "LOSS": "*fp32", "GS": "*bf16", "GT": "*fp16"}
+INTS = {n: "i64" for n in ("s_stride", "t_stride", "gs_stride", "gt_stride")} | {"V": "i32"}
+FLOATS = {n: "fp32" for n in ("temperature", "mix", "lam", "c_p", "c_q", "gs_factor", "gt_factor")}
+
+
+def variants():
+    for mode, swap, taid, (gs, gt) in itertools.product(
+            range(4), (False, True), (False, True), ((True, False), (True, True), (False, False))):
+        need_q = (gs and not swap) or (gt and swap)
+        need_p = (gs and swap) or (gt and not swap)
+        yield dict(MODE=mode, SWAP=swap, TAID=taid, GRAD_S=gs, GRAD_T=gt,
+                   FUSED_Q=mode == 0 and need_q and not need_p, BLOCK=4096)
+
+
+for arch in map(int, sys.argv[1:]):
+    n = 0
+    for consts in variants():
+        src = ASTSource(fn=_divergence_fwd_kernel, constexprs=consts,
+                        signature={**PTRS, **INTS, **FLOATS, **{c: "constexpr" for c in consts}})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+        assert "ld.global" in compiled.asm["ptx"] and compiled.asm["cubin"], consts
+        n += 1
+    print(f"compiled {n} variants for sm_{arch}")
