@@ -125,6 +125,17 @@ const float* row_as_float(c10::ScalarType dt, const void* base, int64_t stride, 
   }
 }
 
+// Store to a gradient row that goes to memory and is not read again soon: a streaming store
+// (no read-for-ownership of the line) where the instruction set has one and ptr is aligned.
+inline void store_stream(const Vec& v, float* ptr) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if ((reinterpret_cast<uintptr_t>(ptr) & 63) == 0) return _mm512_stream_ps(ptr, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if ((reinterpret_cast<uintptr_t>(ptr) & 31) == 0) return _mm256_stream_ps(ptr, v);
+#endif
+  v.store(ptr);
+}
+
 // Prefetch (towards L2) the part `step` of `steps` of a byte range: spread over a compute loop
 // on the current row, it brings the next row in while the current one is being computed on.
 inline void prefetch_part(const char* base, int64_t bytes, int64_t step, int64_t steps) {
@@ -249,10 +260,10 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
       if (need_p || need_q) {
         for (int64_t j = 0; j < Vp; j += kW) {
           const Vec pv = Vec::loadu(EX + j) * Vec(inv_zx), qv = Vec::loadu(EY + j) * Vec(inv_zy);
-          if (need_q) ((qv - pv) * Vec(q_factor)).store(gq + j);
+          if (need_q) store_stream((qv - pv) * Vec(q_factor), gq + j);
           if (need_p) {
             const Vec d = (Vec::loadu(X + j) - Vec(sx)) - (Vec::loadu(Y + j) - Vec(sy));
-            (Vec(p_factor) * xlr(pv, d + Vec(log_ratio_z), Vec(0.f))).store(gp + j);
+            store_stream(Vec(p_factor) * xlr(pv, d + Vec(log_ratio_z), Vec(0.f)), gp + j);
           }
         }
       }
@@ -284,11 +295,11 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
         for (int64_t j = 0; j < Vp; j += kW) {
           if (need_p) {
             const Vec pv = Vec::loadu(EX + j) * Vec(inv_zx);
-            (Vec(cp) * (Vec::loadu(X + j) - pv * Vec(sum_up))).store(gp + j);
+            store_stream(Vec(cp) * (Vec::loadu(X + j) - pv * Vec(sum_up)), gp + j);
           }
           if (need_q) {
             const Vec qv = Vec::loadu(EY + j) * Vec(inv_zy);
-            (Vec(cq) * (Vec::loadu(Y + j) - qv * Vec(sum_uq))).store(gq + j);
+            store_stream(Vec(cq) * (Vec::loadu(Y + j) - qv * Vec(sum_uq)), gq + j);
           }
         }
       }
@@ -299,6 +310,9 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     if (need_q && !GQ) store_row_any(p.swap ? p.grad_teacher_dtype : p.grad_student_dtype,
                                      p.swap ? p.grad_teacher : p.grad_student, i, V, EY);
   }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // streaming stores are visible before the parallel region ends
+#endif
 }
 
 }  // namespace
