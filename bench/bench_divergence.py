@@ -73,7 +73,7 @@ def test_divergence(benchmark, record, inputs, kind, impl, mode):
 
     run()  # warm-up (compiles)
     run()
-    benchmark.pedantic(run, rounds=5 if DEVICE == "cpu" else 20, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(run, rounds=10 if DEVICE == "cpu" else 20, iterations=1, warmup_rounds=0)
     peak = cuda_peak_bytes(run) if DEVICE == "cuda" else cpu_peak_bytes(run)
     elem = torch.finfo(DTYPE).bits // 8
     moved = N * V * elem * (2 if mode == "fwd" else 3)  # two reads (+ one gradient write)
