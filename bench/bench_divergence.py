@@ -2,8 +2,11 @@
 of it (vs Liger-Kernel on GPU when installed), forward and forward+backward, time and peak
 memory. Run:  pytest bench/ --benchmark-only   (the closing table prints ratios).
 
-Shapes: CPU fp32 N=2048, V=32000; GPU bf16 N=8192, V=128256. Override with KDK_BENCH_N,
-KDK_BENCH_V, KDK_BENCH_DTYPE (float32|bfloat16|float16), KDK_BENCH_KINDS (comma list)."""
+CPU default: fp32, N=2048, V=32000, fkl and jsd, fwd and fwd+bwd, backend "auto" (cpu).
+GPU default: fwd+bwd, N=8192, bf16 at V=32000/128256/262144 and fp32 at V=128256, fkl/jsd/tvd;
+kdkernels' triton and cuda backends side by side (each when available). Overrides:
+KDK_BENCH_CASES ("bfloat16:8192x128256,float32:2048x32000"), KDK_BENCH_KINDS ("fkl,jsd"),
+KDK_BENCH_MODES ("fwd,fwd+bwd"), KDK_HBM_GBPS (peak bandwidth, for the % column)."""
 import os
 
 import pytest
@@ -15,51 +18,65 @@ from conftest import cpu_peak_bytes, cuda_peak_bytes
 from formulas import EAGER, liger_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-N = int(os.environ.get("KDK_BENCH_N", 8192 if DEVICE == "cuda" else 2048))
-V = int(os.environ.get("KDK_BENCH_V", 128256 if DEVICE == "cuda" else 32000))
-DTYPE = getattr(torch, os.environ.get("KDK_BENCH_DTYPE", "bfloat16" if DEVICE == "cuda" else "float32"))
-KINDS = os.environ.get("KDK_BENCH_KINDS", "fkl,jsd").split(",")
+GPU = DEVICE == "cuda"
+DEFAULT_CASES = ("bfloat16:8192x32000,bfloat16:8192x128256,bfloat16:8192x262144,float32:8192x128256"
+                 if GPU else "float32:2048x32000")
+CASES = [(getattr(torch, c.split(":")[0]), *map(int, c.split(":")[1].split("x")))
+         for c in os.environ.get("KDK_BENCH_CASES", DEFAULT_CASES).split(",")]
+KINDS = os.environ.get("KDK_BENCH_KINDS", "fkl,jsd,tvd" if GPU else "fkl,jsd").split(",")
+MODES = os.environ.get("KDK_BENCH_MODES", "fwd+bwd" if GPU else "fwd,fwd+bwd").split(",")
+IMPLS = (["kdkernels-triton", "kdkernels-cuda"] if GPU else ["kdkernels-auto"]) + \
+    ["eager", "torch.compile", "liger"]
 TEMPERATURE = 2.0
 _compiled = {}
 
 
-def implementations(kind):
-    impls = {
-        "kdkernels-auto": lambda s, t: kdkernels.divergence(
-            s, t, kind=kind, temperature=TEMPERATURE),
-        "eager": lambda s, t: EAGER[kind](s, t, TEMPERATURE),
-        "torch.compile": lambda s, t: _compiled.setdefault(kind, torch.compile(EAGER[kind]))(s, t, TEMPERATURE),
-    }
-    liger = liger_loss(kind) if DEVICE == "cuda" else None
-    if liger is not None:
-        impls["liger"] = lambda s, t: liger(s, t, TEMPERATURE)
-    return impls
+def implementation(kind, impl):
+    """The callable (s, t) -> loss for impl, or None if not available here."""
+    if impl.startswith("kdkernels-"):
+        backend = impl.split("-", 1)[1]
+        if backend == "cuda" and not kdkernels.backend_info()["cuda"]:
+            return None
+        return lambda s, t: kdkernels.divergence(s, t, kind=kind, temperature=TEMPERATURE,
+                                                 backend=backend)
+    if impl == "eager":
+        return lambda s, t: EAGER[kind](s, t, TEMPERATURE)
+    if impl == "torch.compile":
+        fn = _compiled.setdefault(kind, torch.compile(EAGER[kind]))
+        return lambda s, t: fn(s, t, TEMPERATURE)
+    liger = liger_loss(kind) if GPU else None
+    return None if liger is None else (lambda s, t: liger(s, t, TEMPERATURE))
 
 
 def sync():
-    if DEVICE == "cuda":
+    if GPU:
         torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    s = (torch.randn(N, V, generator=g, device=DEVICE) * 2).to(DTYPE)
-    t = (torch.randn(N, V, generator=g, device=DEVICE) * 2).to(DTYPE)
-    return s, t
+_inputs = {}
 
 
-CASES = [(k, i) for k in KINDS for i in ("kdkernels-auto", "eager", "torch.compile", "liger")]
+def inputs(dtype, n, v):
+    if (dtype, n, v) not in _inputs:
+        _inputs.clear()  # one shape resident at a time
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        s = (torch.randn(n, v, generator=g, device=DEVICE) * 2).to(dtype)
+        t = (torch.randn(n, v, generator=g, device=DEVICE) * 2).to(dtype)
+        _inputs[(dtype, n, v)] = (s, t)
+    return _inputs[(dtype, n, v)]
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("kind,impl", CASES, ids=[f"{k}-{i}" for k, i in CASES])
-def test_divergence(benchmark, record, inputs, kind, impl, mode):
-    impls = implementations(kind)
-    if impl not in impls:
+PARAMS = [(d, n, v, k, i) for (d, n, v) in CASES for k in KINDS for i in IMPLS]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,n,v,kind,impl", PARAMS,
+                         ids=[f"{str(d)[6:]}-{n}x{v}-{k}-{i}" for d, n, v, k, i in PARAMS])
+def test_divergence(benchmark, record, dtype, n, v, kind, impl, mode):
+    fn = implementation(kind, impl)
+    if fn is None:
         pytest.skip(f"{impl} not available here (Liger: needs liger-kernel and a GPU)")
-    fn = impls[impl]
-    s0, t0 = inputs
+    s0, t0 = inputs(dtype, n, v)
     s = s0.detach().requires_grad_(mode == "fwd+bwd")
 
     def run():
@@ -71,15 +88,19 @@ def test_divergence(benchmark, record, inputs, kind, impl, mode):
             s.grad = None
         sync()
 
-    run()  # warm-up (compiles)
-    run()
-    benchmark.pedantic(run, rounds=10 if DEVICE == "cpu" else 20, iterations=1, warmup_rounds=0)
-    peak = cuda_peak_bytes(run) if DEVICE == "cuda" else cpu_peak_bytes(run)
-    elem = torch.finfo(DTYPE).bits // 8
-    moved = N * V * elem * (2 if mode == "fwd" else 3)  # two reads (+ one gradient write)
-    info = dict(group=f"{kind} {mode}  N={N} V={V} {str(DTYPE).replace('torch.', '')} {DEVICE}",
+    try:
+        run()  # warm-up (compiles)
+        run()
+        benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=0)
+        peak = cuda_peak_bytes(run) if GPU else cpu_peak_bytes(run)
+    except torch.cuda.OutOfMemoryError:
+        s.grad = None
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl}: out of GPU memory at N={n}, V={v}")
+    elem = torch.finfo(dtype).bits // 8
+    moved = n * v * elem * (2 if mode == "fwd" else 3)  # two reads (+ one gradient write)
+    info = dict(group=f"{kind} {mode}  N={n} V={v} {str(dtype).replace('torch.', '')} {DEVICE}",
                 impl=impl, median_s=benchmark.stats.stats.median, peak=peak,
-                grad_bytes=N * V * elem, bytes=moved if DEVICE == "cuda" else None)
-    benchmark.extra_info.update({k: v for k, v in info.items() if k != "group"})
-    benchmark.extra_info["group"] = info["group"]
+                grad_bytes=n * v * elem, bytes=moved if GPU else None)
+    benchmark.extra_info.update(info)
     record(info)

@@ -53,14 +53,17 @@ def pytest_terminal_summary(terminalreporter):
         base = min(r["median_s"] for r in ours) if ours else None
         tr.write_line(f"\n{group}")
         tr.write_line(f"  {'impl':<22}{'median ms':>11}{'vs kdkernels':>14}{'peak extra MiB':>16}"
-                      f"{'× one grad':>12}{'GB/s':>9}")
+                      f"{'× one grad':>12}{'GB/s':>9}{'% of HBM':>10}")
         for r in sorted(rows, key=lambda r: r["median_s"]):
             ratio = f"{r['median_s'] / base:.2f}x" if base else "-"
             peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
             grads = "n/a" if r["peak"] is None else f"{r['peak'] / r['grad_bytes']:.2f}"
             gbs = f"{r['bytes'] / r['median_s'] / 1e9:.0f}" if r.get("bytes") else "-"
+            hbm = os.environ.get("KDK_HBM_GBPS")  # the bytes the math must move / peak
+            pct = f"{100 * r['bytes'] / r['median_s'] / 1e9 / float(hbm):.0f}%" \
+                if hbm and r.get("bytes") else "-"
             tr.write_line(f"  {r['impl']:<22}{r['median_s'] * 1e3:>11.2f}{ratio:>14}{peak:>16}"
-                          f"{grads:>12}{gbs:>9}")
+                          f"{grads:>12}{gbs:>9}{pct:>10}")
 
 
 @pytest.fixture

@@ -8,6 +8,10 @@ import torch
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+# "auto" prefers the CUDA C++ kernels over Triton on GPUs only once they have passed the test
+# suite on a GPU. They compile and are wired in, but no GPU has run them yet: until one does,
+# "auto" keeps the tested Triton kernels and backend="cuda" must be asked for by name.
+CUDA_BACKEND_VERIFIED = False
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -150,6 +154,14 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _triton_importable():
+    try:
+        import triton  # noqa: F401, PLC0415
+        return True
+    except ImportError:
+        return False
+
+
 def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergence"):
     """Pick the backend for tensors on `device` with `dtypes`.
 
@@ -167,7 +179,8 @@ def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergen
         if any(d == torch.float64 for d in dtypes):
             return "reference"
         if device.type == "cuda":
-            if _extension.native_available(family, "CUDA"):
+            cuda_built = _extension.native_available(family, "CUDA")
+            if cuda_built and (CUDA_BACKEND_VERIFIED or not _triton_importable()):
                 return "cuda"
             backend = "triton"  # checked below: triton must be importable
         elif device.type == "cpu":
@@ -189,7 +202,8 @@ def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergen
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {device}")
         if not _extension.native_available(family, "CUDA"):
             raise ValueError("backend='cuda' is not available: kdkernels was built without its "
-                             "CUDA kernels; use backend='triton' (or 'auto')")
+                             "CUDA kernels (rebuild on a machine with nvcc, or with "
+                             "KDKERNELS_FORCE_CUDA=1); use backend='triton' (or 'auto')")
     elif backend == "triton":
         if device.type == "cpu" and not triton_interpreted():
             raise ValueError("backend='triton' with CPU tensors needs the Triton interpreter: "

@@ -173,6 +173,20 @@ def test_sliced_teacher_and_strided_rows(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [1, 3])
+def test_misaligned_rows(backend, device, dtype, offset):
+    """Row starts off the 16-byte grid (a slice starting at column `offset`), V not a multiple
+    of any vector width: the vectorized paths must fall back, not read across rows."""
+    v = 1000
+    s_full = logits((7, v + 8), dtype, device, seed=46)
+    t_full = logits((7, v + 8), dtype, device, seed=47)
+    s, t = s_full[:, offset:offset + v], t_full[:, offset + 1:offset + 1 + v]
+    for kind in ("fkl", "rkl", "jsd", "tvd"):
+        check_against_reference(backend, s, t, kind=kind, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
 def test_mixed_dtypes(backend, device):
     s = logits((9, 500), torch.bfloat16, device, seed=13)
     t = logits((9, 500), torch.float32, device, seed=14)
