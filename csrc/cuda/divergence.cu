@@ -284,11 +284,17 @@ cudaError_t launch(const DivergenceArgs& a, cudaStream_t stream) {
   const int64_t chunks = (a.vocab + kVec - 1) / kVec;
   const int threads = chunks >= 8192 ? 1024 : chunks >= 2048 ? 512 : chunks >= 512 ? 256 : 128;
   const dim3 grid(static_cast<unsigned>(a.n_rows));
+#ifdef KDKERNELS_CUDA_EMULATION  // the CPU emulation that tests the kernels' logic (python_tests)
+  if (vec_ok) kdk_emulate_launch(divergence_fwd_kernel<kMode, kVec, TS, TT>, grid, threads, a);
+  else kdk_emulate_launch(divergence_fwd_kernel<kMode, 1, TS, TT>, grid, threads, a);
+  (void)stream;
+#else
   if (vec_ok) {
     divergence_fwd_kernel<kMode, kVec, TS, TT><<<grid, threads, 0, stream>>>(a);
   } else {
     divergence_fwd_kernel<kMode, 1, TS, TT><<<grid, threads, 0, stream>>>(a);
   }
+#endif
   return cudaGetLastError();
 }
 

@@ -1,0 +1,90 @@
+// From ATen tensors to the CUDA launcher's arguments: checks, output allocation, the
+// coefficient table. Shared by the torch glue (divergence_glue.cpp) and the CPU emulation
+// that tests the kernels' logic (python_tests/cuda_emulation/). ATen core headers only.
+#pragma once
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "divergence.cuh"
+
+namespace kdkernels::cuda {
+
+inline DType to_dtype(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "kdkernels.divergence_fwd (cuda): ", name,
+                  " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+}
+
+inline at::ScalarType to_scalar_type(DType t) {
+  return t == DType::kFloat32 ? at::kFloat : t == DType::kBFloat16 ? at::kBFloat16 : at::kHalf;
+}
+
+struct PreparedCall {
+  DivergenceArgs args;
+  at::Tensor loss_rows, grad_student, grad_teacher, row_weight;
+};
+
+// Checks the (N, V) logits, allocates the outputs on the logits' device and fills the args.
+inline PreparedCall prepare_divergence_call(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+    int64_t mode, bool swap, double mix, double temperature, double taid, bool grad_student,
+    bool grad_teacher) {
+  for (const auto* x : {&student, &teacher}) {
+    TORCH_CHECK(x->dim() == 2, "kdkernels.divergence_fwd: logits must be (N, V), got ", x->sizes());
+    TORCH_CHECK(x->size(1) <= 1 || x->stride(1) == 1,
+                "kdkernels.divergence_fwd: logits must have unit stride along V");
+  }
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "kdkernels.divergence_fwd: shapes differ");
+  TORCH_CHECK(student.device() == teacher.device(), "kdkernels.divergence_fwd: devices differ");
+  TORCH_CHECK(mode >= kKL && mode <= kTVD, "kdkernels.divergence_fwd: unknown mode ", mode);
+  const int64_t n = student.size(0), v = student.size(1);
+  PreparedCall c;
+  c.row_weight = row_weight.to(student.device(), at::kFloat).contiguous();
+  TORCH_CHECK(c.row_weight.dim() == 1 && c.row_weight.size(0) == n,
+              "kdkernels.divergence_fwd: row_weight must be (N,)");
+  DivergenceArgs& a = c.args;
+  a = DivergenceArgs{};
+  a.student_dtype = to_dtype(student, "student");
+  a.teacher_dtype = to_dtype(teacher, "teacher");
+  const auto gs_opt = student.options().dtype(to_scalar_type(grad_dtype(a.student_dtype)));
+  const auto gt_opt = teacher.options().dtype(to_scalar_type(grad_dtype(a.teacher_dtype)));
+  const std::vector<int64_t> full{n, v}, none{0};
+  c.loss_rows = at::empty({n}, student.options().dtype(at::kFloat));
+  c.grad_student = at::empty(grad_student ? full : none, gs_opt);
+  c.grad_teacher = at::empty(grad_teacher ? full : none, gt_opt);
+
+  a.student = student.data_ptr();
+  a.teacher = teacher.data_ptr();
+  a.student_stride = student.stride(0);
+  a.teacher_stride = teacher.stride(0);
+  a.grad_student = grad_student ? c.grad_student.data_ptr() : nullptr;
+  a.grad_teacher = grad_teacher ? c.grad_teacher.data_ptr() : nullptr;
+  a.row_weight = c.row_weight.data_ptr<float>();
+  a.loss_rows = c.loss_rows.data_ptr<float>();
+  a.n_rows = n;
+  a.vocab = v;
+  a.mode = static_cast<int32_t>(mode);
+  a.swap = swap;
+  a.taid = taid != 1.0;
+  a.mix = static_cast<float>(mix);
+  a.temperature = static_cast<float>(temperature);
+  a.lam = static_cast<float>(taid);
+  switch (mode) {  // gradient coefficients (csrc/cpu/divergence.cpp has the same table)
+    case kKL: a.c_p = 1.f; a.c_q = 1.f; break;
+    case kSkew: a.c_p = 1.f; a.c_q = -(1.f - a.mix); break;
+    case kJSD: a.c_p = a.mix; a.c_q = 1.f - a.mix; break;
+    default: a.c_p = 0.5f; a.c_q = -0.5f;
+  }
+  a.gs_factor = static_cast<float>(1.0 / temperature);
+  a.gt_factor = static_cast<float>(taid / temperature);
+  return c;
+}
+
+}  // namespace kdkernels::cuda

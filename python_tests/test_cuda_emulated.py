@@ -1,0 +1,106 @@
+"""The CUDA kernels' logic, run on the CPU: csrc/cuda/divergence.cu compiled with g++ through
+python_tests/cuda_emulation/ (each CUDA thread a std::thread, __syncthreads a barrier, warp
+shuffles through shared memory), compared with the float64 reference exactly as every
+backend is in test_divergence.py. This covers indexing, the three sweeps, the block
+reductions, the vector and scalar paths, masks, TAID, swap and dtypes; not GPU timing, the
+memory model, or the real compiler (those need a GPU: bench/gpu_check.sh)."""
+import os
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels._plumbing import grad_dtype
+from kdkernels.ops.divergence import kernel_args
+from kdkernels.reference.divergence import divergence_rows
+
+from helpers import assert_matches
+from test_divergence import KIND_SPECS, SPEC_IDS, logits
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC_CUDA = os.path.join(HERE, os.pardir, "csrc", "cuda")
+pytestmark = pytest.mark.skipif(not os.path.isdir(CSRC_CUDA), reason="needs the source checkout")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    from torch.utils.cpp_extension import load  # noqa: PLC0415
+
+    emu = os.path.join(HERE, "cuda_emulation")
+    return load(name="kdk_cuda_emulated", sources=[os.path.join(emu, "emulated_divergence.cpp")],
+                extra_include_paths=[emu, CSRC_CUDA],
+                extra_cflags=["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"],
+                extra_ldflags=["-pthread"])
+
+
+def reference_outputs(s, t, w, kind, params, temperature, taid, dtype):
+    """(w_i·L_i per row, d/ds, d/dt) of the reference computed in `dtype` by autograd."""
+    s = s.detach().to(dtype).requires_grad_()
+    t = t.detach().to(dtype).requires_grad_()
+    rows = divergence_rows(s, t, kind=kind, temperature=temperature,
+                           taid_t=None if taid == 1.0 else taid, **params) * w.to(dtype)
+    rows.sum().backward()
+    zeros = torch.zeros_like(t)  # TAID λ = 0: the reference's teacher gets no gradient at all
+    return rows.detach(), s.grad, zeros if t.grad is None else t.grad
+
+
+def compare(emulated, s, t, w, kind, params, temperature=2.0, taid=1.0, grads=(True, True)):
+    """The emulated CUDA kernels against the float64 reference, with the tolerance of every
+    backend in test_divergence.py (helpers.assert_matches)."""
+    mode, swap, mix = kernel_args(kind, params.get("beta", 0.5), params.get("skew", 0.1))
+    got = emulated.divergence_fwd(s, t, w, mode, swap, mix, temperature, taid, *grads)
+    r64 = reference_outputs(s, t, w, kind, params, temperature, taid, torch.float64)
+    r32 = reference_outputs(s, t, w, kind, params, temperature, taid, torch.float32)
+    assert_matches(got[0], r64[0], r32[0], torch.float32, "loss rows")
+    for i, (name, want) in enumerate((("student grad", grads[0]), ("teacher grad", grads[1]))):
+        g = got[1 + i]
+        if not want:
+            assert g.numel() == 0, name
+            continue
+        src = (s, t)[i]
+        assert g.dtype == grad_dtype(src.dtype) and g.shape == src.shape, name
+        assert_matches(g, r64[1 + i], r32[1 + i], src.dtype, name)
+
+
+LAYOUTS = ["contiguous", "odd_vocab", "misaligned"]
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.float16, torch.float16), (torch.bfloat16, torch.float32)]
+
+
+def make_rows(layout, dtypes, n=5):
+    v = {"contiguous": 1024, "odd_vocab": 1003, "misaligned": 1000}[layout]
+    s = logits((n, v + 8), dtypes[0], "cpu", seed=50)
+    t = logits((n, v + 8), dtypes[1], "cpu", seed=51)
+    if layout == "misaligned":  # row starts off the 16-byte grid: the scalar path
+        return s[:, 1:1 + v], t[:, 3:3 + v]
+    return s[:, :v].contiguous(), t[:, :v].contiguous()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("kind,params", KIND_SPECS, ids=SPEC_IDS)
+def test_emulated_cuda_matches_cpu(emulated, kind, params, dtypes, layout):
+    s, t = make_rows(layout, dtypes)
+    w = torch.tensor([0.25, 0.0, 0.5, 1.0, 2.0])  # row 1 dropped
+    compare(emulated, s, t, w, kind, params)
+
+
+@pytest.mark.parametrize("kind", kdkernels.KINDS)
+def test_emulated_cuda_taid_masks_and_grad_choices(emulated, kind):
+    s = logits((4, 777), torch.float32, "cpu", seed=52)
+    t = logits((4, 777), torch.float32, "cpu", seed=53)
+    s[:, 700:] = t[:, 700:] = float("-inf")  # a masked vocabulary
+    t[2, ::5] = float("-inf") if kind != "rkl" else t[2, ::5]
+    w = torch.full((4,), 0.25)
+    for taid in (1.0, 0.0, 0.4):
+        for grads in ((True, False), (False, True), (False, False), (True, True)):
+            compare(emulated, s, t, w, kind, {}, temperature=0.5, taid=taid, grads=grads)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 31, 32768])
+def test_emulated_cuda_vocab_sizes(emulated, vocab):
+    """V = 1 (one outcome) to 32768 (512-thread blocks, many strides per thread)."""
+    s = logits((2, vocab), torch.bfloat16, "cpu", seed=54)
+    t = logits((2, vocab), torch.bfloat16, "cpu", seed=55)
+    for kind in ("fkl", "jsd", "tvd"):
+        compare(emulated, s, t, torch.tensor([0.5, 0.5]), kind, {"beta": 0.3})
