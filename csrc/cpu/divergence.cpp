@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "divergence.h"
+#include "../divergence_common.h"
 
 namespace kdkernels::cpu {
 namespace {
@@ -106,12 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   p.mix = static_cast<float>(mix);
   p.temperature = static_cast<float>(temperature);
   p.lam = static_cast<float>(taid);
-  switch (mode) {  // gradient coefficients (see divergence_kernel.h)
-    case kKL: p.c_p = 1.f; p.c_q = 1.f; break;
-    case kSkew: p.c_p = 1.f; p.c_q = -(1.f - p.mix); break;
-    case kJSD: p.c_p = p.mix; p.c_q = 1.f - p.mix; break;
-    default: p.c_p = 0.5f; p.c_q = -0.5f;
-  }
+  const GradCoefficients coef = grad_coefficients(mode, p.mix);
+  p.c_p = coef.c_p;
+  p.c_q = coef.c_q;
   p.gs_factor = static_cast<float>(1.0 / temperature);
   p.gt_factor = static_cast<float>(taid / temperature);
 

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include "divergence.cuh"
+#include "../divergence_common.h"
 
 namespace kdkernels::cuda {
 
@@ -76,12 +77,9 @@ inline PreparedCall prepare_divergence_call(
   a.mix = static_cast<float>(mix);
   a.temperature = static_cast<float>(temperature);
   a.lam = static_cast<float>(taid);
-  switch (mode) {  // gradient coefficients (csrc/cpu/divergence.cpp has the same table)
-    case kKL: a.c_p = 1.f; a.c_q = 1.f; break;
-    case kSkew: a.c_p = 1.f; a.c_q = -(1.f - a.mix); break;
-    case kJSD: a.c_p = a.mix; a.c_q = 1.f - a.mix; break;
-    default: a.c_p = 0.5f; a.c_q = -0.5f;
-  }
+  const GradCoefficients coef = grad_coefficients(mode, a.mix);
+  a.c_p = coef.c_p;
+  a.c_q = coef.c_q;
   a.gs_factor = static_cast<float>(1.0 / temperature);
   a.gt_factor = static_cast<float>(taid / temperature);
   return c;
