@@ -97,10 +97,14 @@ def test_emulated_cuda_taid_masks_and_grad_choices(emulated, kind):
             compare(emulated, s, t, w, kind, {}, temperature=0.5, taid=taid, grads=grads)
 
 
-@pytest.mark.parametrize("vocab", [1, 2, 31, 32768])
-def test_emulated_cuda_vocab_sizes(emulated, vocab):
-    """V = 1 (one outcome) to 32768 (512-thread blocks, many strides per thread)."""
-    s = logits((2, vocab), torch.bfloat16, "cpu", seed=54)
-    t = logits((2, vocab), torch.bfloat16, "cpu", seed=55)
-    for kind in ("fkl", "jsd", "tvd"):
-        compare(emulated, s, t, torch.tensor([0.5, 0.5]), kind, {"beta": 0.3})
+@pytest.mark.parametrize("rows,vocab", [(2, 1), (11, 2), (11, 31), (19, 512), (9, 513),
+                                         (2, 32768)])
+def test_emulated_cuda_vocab_sizes(emulated, rows, vocab):
+    """V = 1 (one outcome) to 32768 (512-thread blocks); V ≤ 64 vectors goes one warp per
+    row, 8 rows a block: row counts that leave spare warps in the last block, dropped rows."""
+    s = logits((rows, vocab), torch.bfloat16, "cpu", seed=54)
+    t = logits((rows, vocab), torch.bfloat16, "cpu", seed=55)
+    w = torch.rand(rows, generator=torch.Generator().manual_seed(56))
+    w[::3] = 0.0
+    for kind in ("fkl", "rkl", "jsd", "tvd"):
+        compare(emulated, s, t, w, kind, {"beta": 0.3})

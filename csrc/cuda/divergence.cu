@@ -5,7 +5,8 @@
 //            wanted writes g_Q = Q − P here and stops
 //   sweep 3  g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q) in the gradient dtype
 // The row is read from HBM in sweep 1 and mostly from L2 after. Loads are 16-byte vectors
-// (VEC elements) when the host found every row aligned, else scalar. fp32 math throughout;
+// (VEC elements) when the host found every row aligned, else scalar. Short rows (at most 64
+// vectors) go one warp per row, 8 rows per block, with warp-only reductions. fp32 math throughout;
 // every x·log-ratio is 0 where x == 0, so −inf logits and underflow never give NaN.
 #include <cmath>
 
@@ -89,11 +90,21 @@ __device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2
   m = mn;
 }
 
-// Block-wide merge of per-thread (max, sum-exp) pairs; every thread gets the result.
-__device__ void block_lse(float& m, float& z, float* smem) {
+// Warp-wide merge of per-lane (max, sum-exp) pairs / warp-wide sum; every lane gets it.
+__device__ __forceinline__ void warp_lse(float& m, float& z) {
   for (int o = 16; o > 0; o >>= 1) {
     lse_merge(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o));
   }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide merge of per-thread (max, sum-exp) pairs; every thread gets the result.
+__device__ void block_lse(float& m, float& z, float* smem) {
+  warp_lse(m, z);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   __syncthreads();  // smem may still be read from a previous reduction
   if (lane == 0) {
@@ -108,7 +119,7 @@ __device__ void block_lse(float& m, float& z, float* smem) {
 
 // Block-wide sum; every thread gets the result.
 __device__ float block_sum(float v, float* smem) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   __syncthreads();
   if (lane == 0) smem[warp] = v;
@@ -166,14 +177,24 @@ __device__ __forceinline__ void store_vec(G* row, int64_t j0, int64_t V, const f
 }
 
 // ---------------------------------------------------------------- the kernel
-template <int kMode, int VEC, typename TS, typename TT>
+// kWarpRows: one warp per row (blockDim.x / 32 rows per block), else one block per row.
+template <int kMode, int VEC, typename TS, typename TT, bool kWarpRows>
 __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceArgs a) {
   using GS = typename GradOf<TS>::type;
   using GT = typename GradOf<TT>::type;
   __shared__ float smem[64];
-  const int64_t row = blockIdx.x, V = a.vocab;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = kWarpRows ? static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp
+                                : static_cast<int64_t>(blockIdx.x);
+  if (kWarpRows && row >= a.n_rows) return;  // the last block's spare warps
+  const int64_t V = a.vocab;
+  const int64_t step = static_cast<int64_t>(kWarpRows ? 32 : blockDim.x) * VEC;
+  const int64_t first = static_cast<int64_t>(kWarpRows ? lane : threadIdx.x) * VEC;
+  auto row_lse = [&](float& m, float& z) {
+    if (kWarpRows) warp_lse(m, z);
+    else block_lse(m, z, smem);
+  };
+  auto row_sum = [&](float v) { return kWarpRows ? warp_sum(v) : block_sum(v, smem); };
   GS* gs = a.grad_student ? static_cast<GS*>(a.grad_student) + row * V : nullptr;
   GT* gt = a.grad_teacher ? static_cast<GT*>(a.grad_teacher) + row * V : nullptr;
   const bool need_p = a.swap ? gs != nullptr : gt != nullptr;
@@ -191,7 +212,7 @@ __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceAr
       if (gs) store_vec<VEC>(gs, j0, V, zero);
       if (gt) store_vec<VEC>(gt, j0, V, zero);
     }
-    if (threadIdx.x == 0) a.loss_rows[row] = 0.f;
+    if (first == 0) a.loss_rows[row] = 0.f;
     return;
   }
   const TS* s_row = static_cast<const TS*>(a.student) + row * a.student_stride;
@@ -217,8 +238,8 @@ __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceAr
     lse_merge(m_x, z_x, bx, zx);
     lse_merge(m_y, z_y, by, zy);
   }
-  block_lse(m_x, z_x, smem);
-  block_lse(m_y, z_y, smem);
+  row_lse(m_x, z_x);
+  row_lse(m_y, z_y);
   RowStats st;
   st.lse_x = m_x + logf(z_x);
   st.lse_y = m_y + logf(z_y);
@@ -246,10 +267,10 @@ __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceAr
     }
     if (fused_q) store_side(false, j0, g);
   }
-  loss = block_sum(loss, smem);
-  sum_up = block_sum(sum_up, smem);
-  sum_uq = block_sum(sum_uq, smem);
-  if (threadIdx.x == 0) a.loss_rows[row] = w * loss;
+  loss = row_sum(loss);
+  sum_up = row_sum(sum_up);
+  sum_uq = row_sum(sum_uq);
+  if (first == 0) a.loss_rows[row] = w * loss;
   if (fused_q || !(need_p || need_q)) return;
 
   // sweep 3: gradients
@@ -275,27 +296,39 @@ bool aligned(const void* p, int64_t stride_elems, size_t elem, int vec) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0 && (stride_elems * elem) % bytes == 0;
 }
 
+template <int kMode, typename TS, typename TT, bool kWarpRows>
+cudaError_t launch_kernel(const DivergenceArgs& a, bool vec_ok, dim3 grid, int threads,
+                          cudaStream_t stream) {
+  constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
+#ifdef KDKERNELS_CUDA_EMULATION  // the CPU emulation that tests the kernels' logic (python_tests)
+  if (vec_ok) kdk_emulate_launch(divergence_fwd_kernel<kMode, kVec, TS, TT, kWarpRows>, grid, threads, a);
+  else kdk_emulate_launch(divergence_fwd_kernel<kMode, 1, TS, TT, kWarpRows>, grid, threads, a);
+  (void)stream;
+#else
+  if (vec_ok) {
+    divergence_fwd_kernel<kMode, kVec, TS, TT, kWarpRows><<<grid, threads, 0, stream>>>(a);
+  } else {
+    divergence_fwd_kernel<kMode, 1, TS, TT, kWarpRows><<<grid, threads, 0, stream>>>(a);
+  }
+#endif
+  return cudaGetLastError();
+}
+
 template <int kMode, typename TS, typename TT>
 cudaError_t launch(const DivergenceArgs& a, cudaStream_t stream) {
   constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
   const bool vec_ok = aligned(a.student, a.student_stride, sizeof(TS), kVec) &&
                       aligned(a.teacher, a.teacher_stride, sizeof(TT), kVec) &&
                       a.vocab % kVec == 0;  // gradient rows (stride V) aligned too
-  const int64_t chunks = (a.vocab + kVec - 1) / kVec;
-  const int threads = chunks >= 8192 ? 1024 : chunks >= 2048 ? 512 : chunks >= 512 ? 256 : 128;
-  const dim3 grid(static_cast<unsigned>(a.n_rows));
-#ifdef KDKERNELS_CUDA_EMULATION  // the CPU emulation that tests the kernels' logic (python_tests)
-  if (vec_ok) kdk_emulate_launch(divergence_fwd_kernel<kMode, kVec, TS, TT>, grid, threads, a);
-  else kdk_emulate_launch(divergence_fwd_kernel<kMode, 1, TS, TT>, grid, threads, a);
-  (void)stream;
-#else
-  if (vec_ok) {
-    divergence_fwd_kernel<kMode, kVec, TS, TT><<<grid, threads, 0, stream>>>(a);
-  } else {
-    divergence_fwd_kernel<kMode, 1, TS, TT><<<grid, threads, 0, stream>>>(a);
+  const int64_t chunks = (a.vocab + kVec - 1) / kVec;  // vectors per row
+  if (chunks <= 64) {  // short rows: one warp each, 8 per block
+    constexpr int kRowsPerBlock = 8;
+    const dim3 grid(static_cast<unsigned>((a.n_rows + kRowsPerBlock - 1) / kRowsPerBlock));
+    return launch_kernel<kMode, TS, TT, true>(a, vec_ok, grid, 32 * kRowsPerBlock, stream);
   }
-#endif
-  return cudaGetLastError();
+  const int threads = chunks >= 8192 ? 1024 : chunks >= 2048 ? 512 : chunks >= 512 ? 256 : 128;
+  return launch_kernel<kMode, TS, TT, false>(a, vec_ok, dim3(static_cast<unsigned>(a.n_rows)),
+                                             threads, stream);
 }
 
 template <int kMode, typename TS>

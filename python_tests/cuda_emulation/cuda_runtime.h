@@ -1,10 +1,11 @@
 // CPU emulation of the few CUDA pieces kdkernels' kernels use, so that the kernel code of
 // csrc/cuda/divergence.cu runs on a CPU in the tests (see test_cuda_emulated.py). Each CUDA
-// thread is a std::thread; __syncthreads is a barrier; a warp shuffle goes through a shared
-// buffer between two barriers; blocks run one after another. It checks the kernels' logic
+// thread is a std::thread; __syncthreads is a block barrier; a warp shuffle goes through a
+// shared buffer between two barriers of that warp alone; blocks run one after another. It checks the kernels' logic
 // (indexing, sweeps, reductions, vector/scalar paths, masks), not GPU timing or memory model.
 #pragma once
 #include <barrier>
+#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <thread>
@@ -35,17 +36,19 @@ inline thread_local KdkIndex threadIdx, blockIdx;
 inline dim3 blockDim;  // one block runs at a time
 
 namespace kdk_emu {
-inline std::barrier<>* barrier = nullptr;
+inline std::barrier<>* barrier = nullptr;                      // the block's
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;  // one per warp
 inline float shuffle[1024];
 }  // namespace kdk_emu
 
 inline void __syncthreads() { kdk_emu::barrier->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  std::barrier<>& warp = *kdk_emu::warp_barriers[threadIdx.x / 32];
   kdk_emu::shuffle[threadIdx.x] = v;
-  __syncthreads();
+  warp.arrive_and_wait();
   const float r = kdk_emu::shuffle[threadIdx.x ^ lane_mask];
-  __syncthreads();
+  warp.arrive_and_wait();
   return r;
 }
 
@@ -55,6 +58,10 @@ void kdk_emulate_launch(Kernel kernel, dim3 grid, int threads, const Args& args)
   for (unsigned b = 0; b < grid.x; ++b) {
     std::barrier<> bar(threads);
     kdk_emu::barrier = &bar;
+    kdk_emu::warp_barriers.clear();
+    for (int w = 0; w < threads / 32; ++w) {
+      kdk_emu::warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    }
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (int t = 0; t < threads; ++t) {
