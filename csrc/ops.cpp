@@ -18,4 +18,10 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def("divergence_fwd(Tensor student, Tensor teacher, Tensor row_weight, int mode, bool swap, "
         "float mix, float temperature, float taid, bool reduce, bool grad_student, "
         "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // See kdkernels/ops/mixing_matrix.py.
+  m.def("mixing_matrix_fwd(Tensor q, Tensor k, Tensor C, Tensor B, Tensor log_decay, Tensor? D, "
+        "float scale, bool squared, Tensor? teacher_lse) -> (Tensor, Tensor, Tensor)");
+  m.def("mixing_matrix_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor C, Tensor B, "
+        "Tensor log_decay, Tensor? D, float scale, bool squared, Tensor lse, Tensor sq) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }

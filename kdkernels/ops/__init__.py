@@ -3,8 +3,9 @@
 Native (C++/CUDA) ops are defined in csrc/ with TORCH_LIBRARY; their Python-side
 registrations run once the extension is loaded (register_native). Triton ops are
 defined here as opaque custom ops, so torch.compile sees one node per call."""
-from . import divergence
+from . import divergence, mixing_matrix
 
 
 def register_native():
     divergence.register_native()
+    mixing_matrix.register_native()

@@ -1,0 +1,187 @@
+// kdkernels::mixing_matrix_fwd / _bwd for CPU tensors: MOHAWK's ‖M − A‖_F per (batch, head)
+// (the spec: kdkernels/reference/mixing_matrix.py) without any T×T matrix. Batch and heads
+// are flattened to BH; the causal T×T plane is walked in kTile×kTile tiles (j-tiles ≤ i-tile),
+// each a few batched ATen matmuls over BH, so memory is O(BH·T·(d + N)) plus O(BH·kTile²).
+//   forward   pass 1: per-row log-sum-exp of the teacher scores (skipped with teacher_lse);
+//             pass 2: S = Σ (M − A)², tile by tile; loss = √S (or S if squared)
+//   backward  tiles recomputed; G = dL/dM = (M − A)·(1/L or 2)·grad; then
+//             dC_i += (G⊙E)·B_j, dB_j += (G⊙E)ᵀ·C_i, dcs_i += Σ_j G⊙M', dcs_j −= Σ_i G⊙M',
+//             dD += diag G; dlog_decay = reverse cumulative sum of dcs
+// Segment sums cs_i − cs_j come from float64 cumulative sums (no cancellation for long T),
+// masked to −inf above the diagonal before exp, so no exponent is ever positive.
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace kdkernels::cpu {
+namespace {
+
+constexpr int64_t kTile = 256;
+
+struct Flat {  // fp32 (BH, T, ·) views, heads flattened with the batch; c, b per head
+  at::Tensor q, k, c, b, cs, d;
+  int64_t batch, heads, groups, t;
+};
+
+Flat flatten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& C, const at::Tensor& B,
+             const at::Tensor& log_decay, const std::optional<at::Tensor>& D) {
+  Flat f;
+  f.batch = q.size(0), f.t = q.size(1), f.heads = q.size(2), f.groups = C.size(2);
+  const int64_t bh = f.batch * f.heads, per_group = f.heads / f.groups;
+  auto heads_first = [&](const at::Tensor& x) {  // (batch, T, H, n) → (BH, T, n) fp32
+    return x.to(at::kFloat).permute({0, 2, 1, 3}).reshape({bh, f.t, x.size(3)}).contiguous();
+  };
+  f.q = heads_first(q);
+  f.k = heads_first(k);
+  f.c = heads_first(C.repeat_interleave(per_group, 2));
+  f.b = heads_first(B.repeat_interleave(per_group, 2));
+  f.cs = log_decay.to(at::kDouble).cumsum(1).permute({0, 2, 1}).reshape({bh, f.t}).contiguous();
+  f.d = D.has_value() ? D->to(at::kFloat).repeat({f.batch}) : at::zeros({bh}, q.options().dtype(at::kFloat));
+  return f;
+}
+
+// One (i-tile, j-tile) of the causal plane: the teacher probabilities A, the decay E and the
+// student matrix without its diagonal term M' (all (BH, ti, tj), fp32, 0 above the diagonal).
+struct Tile {
+  at::Tensor a, e, mp, m;
+};
+
+at::Tensor causal_mask(int64_t i0, int64_t ti, int64_t j0, int64_t tj, const at::TensorOptions& o) {
+  const at::Tensor rows = at::arange(i0, i0 + ti, o.dtype(at::kLong)).unsqueeze(1);
+  const at::Tensor cols = at::arange(j0, j0 + tj, o.dtype(at::kLong)).unsqueeze(0);
+  return cols <= rows;  // (ti, tj)
+}
+
+at::Tensor scores(const Flat& f, int64_t i0, int64_t ti, int64_t j0, int64_t tj, double scale) {
+  return at::bmm(f.q.narrow(1, i0, ti), f.k.narrow(1, j0, tj).transpose(1, 2)) * scale;
+}
+
+Tile make_tile(const Flat& f, const at::Tensor& lse, int64_t i0, int64_t ti, int64_t j0,
+               int64_t tj, double scale) {
+  Tile t;
+  const bool diagonal = j0 + tj > i0;
+  const at::Tensor mask = diagonal ? causal_mask(i0, ti, j0, tj, f.q.options()) : at::Tensor();
+  at::Tensor s = scores(f, i0, ti, j0, tj, scale) - lse.narrow(1, i0, ti).unsqueeze(2);
+  at::Tensor seg = f.cs.narrow(1, i0, ti).unsqueeze(2) - f.cs.narrow(1, j0, tj).unsqueeze(1);
+  if (diagonal) {
+    s = s.masked_fill(mask.logical_not(), -INFINITY);
+    seg = seg.masked_fill(mask.logical_not(), -INFINITY);
+  }
+  t.a = s.exp();
+  t.e = seg.to(at::kFloat).exp();
+  t.mp = at::bmm(f.c.narrow(1, i0, ti), f.b.narrow(1, j0, tj).transpose(1, 2)) * t.e;
+  t.m = t.mp;
+  if (diagonal) {  // + D_h where i == j
+    const at::Tensor eye = (at::arange(i0, i0 + ti, f.q.options().dtype(at::kLong)).unsqueeze(1) ==
+                            at::arange(j0, j0 + tj, f.q.options().dtype(at::kLong)).unsqueeze(0));
+    t.m = t.mp + f.d.view({-1, 1, 1}) * eye.to(at::kFloat);
+  }
+  return t;
+}
+
+at::Tensor teacher_lse_of(const Flat& f, double scale) {  // (BH, T) fp32
+  const int64_t bh = f.q.size(0);
+  at::Tensor lse = at::empty({bh, f.t}, f.q.options());
+  for (int64_t i0 = 0; i0 < f.t; i0 += kTile) {
+    const int64_t ti = std::min(kTile, f.t - i0);
+    at::Tensor m = at::full({bh, ti}, -INFINITY, f.q.options());
+    at::Tensor z = at::zeros({bh, ti}, f.q.options());
+    for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      const int64_t tj = std::min(kTile, f.t - j0);
+      at::Tensor s = scores(f, i0, ti, j0, tj, scale);
+      if (j0 + tj > i0) s = s.masked_fill(causal_mask(i0, ti, j0, tj, s.options()).logical_not(), -INFINITY);
+      const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(2)));  // finite: j = i is in the last tile
+      z = z * (m - m_new).exp() + (s - m_new.unsqueeze(2)).exp().sum(2);
+      m = m_new;
+    }
+    lse.narrow(1, i0, ti).copy_(m + z.log());
+  }
+  return lse;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& C,
+                  const at::Tensor& B, const at::Tensor& log_decay) {
+  for (const auto* x : {&q, &k, &C, &B, &log_decay}) {
+    TORCH_CHECK(x->device().is_cpu(), "kdkernels.mixing_matrix (cpu): inputs must be CPU tensors");
+  }
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && C.dim() == 4 && B.sizes() == C.sizes() &&
+                  log_decay.dim() == 3,
+              "kdkernels.mixing_matrix: bad shapes (see kdkernels/ops/mixing_matrix.py)");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixing_matrix_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& C, const at::Tensor& B,
+    const at::Tensor& log_decay, const std::optional<at::Tensor>& D, double scale, bool squared,
+    const std::optional<at::Tensor>& teacher_lse) {
+  check_inputs(q, k, C, B, log_decay);
+  const Flat f = flatten(q, k, C, B, log_decay, D);
+  const int64_t bh = f.q.size(0);
+  // (A copy of teacher_lse: an output must not alias an input.)
+  const at::Tensor lse = teacher_lse.has_value()
+                             ? teacher_lse->to(at::kFloat, false, /*copy=*/true).reshape({bh, f.t}).contiguous()
+                             : teacher_lse_of(f, scale);
+  at::Tensor sq = at::zeros({bh}, q.options().dtype(at::kDouble));
+  for (int64_t i0 = 0; i0 < f.t; i0 += kTile) {
+    const int64_t ti = std::min(kTile, f.t - i0);
+    for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      const int64_t tj = std::min(kTile, f.t - j0);
+      const Tile t = make_tile(f, lse, i0, ti, j0, tj, scale);
+      sq += (t.m - t.a).square().sum({1, 2}).to(at::kDouble);
+    }
+  }
+  const at::Tensor loss = (squared ? sq : sq.sqrt()).to(at::kFloat).view({f.batch, f.heads});
+  return {loss, lse.view({f.batch, f.heads, f.t}), sq.to(at::kFloat).view({f.batch, f.heads})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixing_matrix_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& C,
+    const at::Tensor& B, const at::Tensor& log_decay, const std::optional<at::Tensor>& D,
+    double scale, bool squared, const at::Tensor& lse, const at::Tensor& sq) {
+  check_inputs(q, k, C, B, log_decay);
+  const Flat f = flatten(q, k, C, B, log_decay, D);
+  const int64_t bh = f.q.size(0), n = f.c.size(2);
+  const at::Tensor lse_flat = lse.to(at::kFloat).reshape({bh, f.t}).contiguous();
+  // dL/dM = (M − A) · coef per (b, h): 1/L for L = √S (0 where S = 0), 2 if squared.
+  const at::Tensor s = sq.to(at::kFloat).reshape({bh});
+  at::Tensor coef = squared ? at::full_like(s, 2.f) : at::where(s > 0, s.rsqrt(), at::zeros_like(s));
+  coef = (coef * grad_loss.to(at::kFloat).reshape({bh})).view({bh, 1, 1});
+  at::Tensor dc = at::zeros({bh, f.t, n}, f.c.options());
+  at::Tensor db = at::zeros({bh, f.t, n}, f.c.options());
+  at::Tensor dcs = at::zeros({bh, f.t}, f.c.options());
+  at::Tensor dd = at::zeros({bh}, f.c.options());
+  for (int64_t i0 = 0; i0 < f.t; i0 += kTile) {
+    const int64_t ti = std::min(kTile, f.t - i0);
+    for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      const int64_t tj = std::min(kTile, f.t - j0);
+      const Tile t = make_tile(f, lse_flat, i0, ti, j0, tj, scale);
+      const at::Tensor g = (t.m - t.a) * coef;
+      const at::Tensor ge = g * t.e;
+      dc.narrow(1, i0, ti).add_(at::bmm(ge, f.b.narrow(1, j0, tj)));
+      db.narrow(1, j0, tj).add_(at::bmm(ge.transpose(1, 2), f.c.narrow(1, i0, ti)));
+      const at::Tensor w = g * t.mp;
+      dcs.narrow(1, i0, ti).add_(w.sum(2));
+      dcs.narrow(1, j0, tj).sub_(w.sum(1));
+      if (j0 + tj > i0) dd += g.diagonal(i0 - j0, 1, 2).sum(1);  // entries (i, i) of this tile
+    }
+  }
+  // Back to the inputs' layouts; C and B were shared by the H/G heads of a group.
+  const int64_t per_group = f.heads / f.groups;
+  auto to_groups = [&](const at::Tensor& x, const at::Tensor& like) {
+    return x.view({f.batch, f.groups, per_group, f.t, n}).sum(2).permute({0, 2, 1, 3}).to(like.scalar_type()).contiguous();
+  };
+  const at::Tensor dld = dcs.flip(1).cumsum(1).flip(1).view({f.batch, f.heads, f.t}).permute({0, 2, 1})
+                             .to(log_decay.scalar_type()).contiguous();
+  const at::Tensor d_d = D.has_value() ? dd.view({f.batch, f.heads}).sum(0).to(D->scalar_type())
+                                       : at::empty({0}, q.options());
+  return {to_groups(dc, C), to_groups(db, B), dld, d_d};
+}
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("mixing_matrix_fwd", &mixing_matrix_fwd_cpu);
+  m.impl("mixing_matrix_bwd", &mixing_matrix_bwd_cpu);
+}
+
+}  // namespace kdkernels::cpu

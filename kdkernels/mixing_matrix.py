@@ -1,0 +1,99 @@
+"""Public API of the MOHAWK mixing-matrix family: mixing_matrix_loss()."""
+import math
+
+import torch
+
+from . import _plumbing as P
+from .reference import mixing_matrix as ref
+
+
+def _check(name, x, dim, what):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    if x.dim() != dim:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+
+
+def mixing_matrix_loss(q, k, C, B, log_decay, D=None, *, scale=None, squared=False,
+                       teacher_lse=None, reduction="mean", backend="auto"):
+    """MOHAWK's stage-1 loss: ‖M − A‖_F between each student SSM head's mixing matrix M and
+    the teacher head's causal attention matrix A, without building either T×T matrix.
+
+    Args:
+        q, k: the teacher's queries and keys after RoPE, (batch, T, H, d); for a GQA teacher
+            pass k expanded to H heads. Constants (the teacher is frozen).
+        C, B: the student's SSD inputs, (batch, T, G, N), H divisible by G (group g serves
+            heads g·H/G … (g+1)·H/G − 1).
+        log_decay: (batch, T, H), values ≤ 0: the per-step log decay (Phi-Mamba/MOHAWK's
+            discrete Mamba-2: −softplus(a); standard Mamba-2: dt·A_h, with B scaled by dt).
+        D: (H,) skip term on M's diagonal, or None.
+        scale: the teacher's softmax scale, 1/√d by default.
+        squared: ‖M − A‖²_F instead of ‖M − A‖_F.
+        teacher_lse: (batch, H, T) row log-sum-exps of the teacher's scaled scores (e.g. from
+            its flash-attention forward), reused instead of recomputed.
+        reduction: "mean" over (batch, H), "sum", or "none" → (batch, H).
+        backend: "auto", "reference" (materializes both matrices: the spec), "cpu" (tiled C++).
+
+    Gradients flow to C, B, log_decay and D."""
+    _check("q", q, 4, "(batch, T, H, d)")
+    _check("k", k, 4, "(batch, T, H, d)")
+    _check("C", C, 4, "(batch, T, G, N)")
+    _check("B", B, 4, "(batch, T, G, N)")
+    _check("log_decay", log_decay, 3, "(batch, T, H)")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)} "
+                         "(expand a GQA teacher's keys to H heads)")
+    if B.shape != C.shape:
+        raise ValueError(f"B must have C's shape {tuple(C.shape)}, got {tuple(B.shape)}")
+    batch, t, heads, dim = q.shape
+    if C.shape[:2] != (batch, t):
+        raise ValueError(f"C must be (batch={batch}, T={t}, G, N) like q, got {tuple(C.shape)}")
+    groups = C.shape[2]
+    if heads % groups:
+        raise ValueError(f"the teacher's heads H={heads} must be divisible by the student's "
+                         f"groups G={groups}")
+    if tuple(log_decay.shape) != (batch, t, heads):
+        raise ValueError(f"log_decay must be (batch, T, H) = {(batch, t, heads)}, got "
+                         f"{tuple(log_decay.shape)}")
+    if D is not None:
+        _check("D", D, 1, f"(H,) = ({heads},)")
+        if D.shape[0] != heads:
+            raise ValueError(f"D must be (H,) = ({heads},), got {tuple(D.shape)}")
+    if teacher_lse is not None:
+        _check("teacher_lse", teacher_lse, 3, "(batch, H, T)")
+        if tuple(teacher_lse.shape) != (batch, heads, t):
+            raise ValueError(f"teacher_lse must be (batch, H, T) = {(batch, heads, t)}, got "
+                             f"{tuple(teacher_lse.shape)}")
+    tensors = [x for x in (q, k, C, B, log_decay, D, teacher_lse) if x is not None]
+    if any(x.device != q.device for x in tensors):
+        raise ValueError("all inputs must be on the same device")
+    if not torch.compiler.is_compiling() and log_decay.numel():
+        worst = log_decay.detach().max().item()
+        if worst > 0:
+            raise ValueError(f"log_decay must be <= 0 (a decay, log of a factor in (0, 1]); "
+                             f"its max is {worst}")
+    scale = 1.0 / math.sqrt(dim) if scale is None else P.check_real("scale", scale, low=0.0,
+                                                                     low_open=True)
+    if not isinstance(squared, bool):
+        raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
+    P.check_choice("reduction", reduction, P.REDUCTIONS)
+
+    P.check_choice("backend", backend, P.BACKENDS)
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"mixing_matrix_loss has no {backend} kernels yet; use backend='cpu' "
+                         "(CPU tensors) or 'reference'")
+    if backend == "auto" and q.device.type != "cpu":
+        backend = "reference"  # GPU kernels are not written yet: the reference runs anywhere
+    backend = P.resolve_backend(backend, q.device, [x.dtype for x in tensors],
+                                family="mixing_matrix")
+    if backend == "reference":
+        per_head = ref.mixing_matrix_loss_per_head(q, k, C, B, log_decay, D, scale=scale,
+                                                   squared=squared, teacher_lse=teacher_lse)
+    else:
+        per_head, _, _ = torch.ops.kdkernels.mixing_matrix_fwd(
+            q, k, C, B, log_decay, D, scale, squared, teacher_lse)
+    if reduction == "mean":
+        return per_head.mean()
+    return per_head.sum() if reduction == "sum" else per_head

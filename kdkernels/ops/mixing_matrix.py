@@ -1,0 +1,53 @@
+"""Ops of the MOHAWK mixing-matrix family (C++: csrc/cpu/mixing_matrix.cpp).
+
+    kdkernels::mixing_matrix_fwd(q, k, C, B, log_decay, D?, scale, squared, teacher_lse?)
+        -> loss (batch, H) fp32, lse (batch, H, T) fp32 (the teacher's row normalizers),
+           sq (batch, H) fp32 (Σ (M − A)², what backward needs)
+    kdkernels::mixing_matrix_bwd(grad_loss, q, k, C, B, log_decay, D?, scale, squared, lse, sq)
+        -> dC, dB, dlog_decay (inputs' shapes and dtypes), dD ((H,) or empty without D)
+Shapes: q, k (batch, T, H, d); C, B (batch, T, G, N); log_decay (batch, T, H); D (H,).
+q and k get no gradient (the teacher is frozen). The backward recomputes the tiles."""
+import torch
+
+_ARGS = ("q", "k", "C", "B", "log_decay", "D", "scale", "squared", "teacher_lse")
+
+
+def _fake_fwd(q, k, C, B, log_decay, D, scale, squared, teacher_lse):
+    batch, t, heads, _ = q.shape
+    f32 = dict(dtype=torch.float32)
+    return q.new_empty((batch, heads), **f32), q.new_empty((batch, heads, t), **f32), \
+        q.new_empty((batch, heads), **f32)
+
+
+def _fake_bwd(grad_loss, q, k, C, B, log_decay, D, scale, squared, lse, sq):
+    d_d = torch.empty_like(D) if D is not None else q.new_empty((0,))
+    return torch.empty_like(C), torch.empty_like(B), torch.empty_like(log_decay), d_d
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, C, B, log_decay, D, scale, squared, _ = inputs
+    _, lse, sq = output
+    ctx.save_for_backward(q, k, C, B, log_decay, D, lse, sq)
+    ctx.scale, ctx.squared = scale, squared
+
+
+def _backward(ctx, grad_loss, _unused_lse, _unused_sq):
+    q, k, C, B, log_decay, D, lse, sq = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * len(_ARGS)
+    dc, db, dld, dd = torch.ops.kdkernels.mixing_matrix_bwd(
+        grad_loss.contiguous(), q, k, C, B, log_decay, D, ctx.scale, ctx.squared, lse, sq)
+    return None, None, dc, db, dld, (dd if D is not None else None), None, None, None
+
+
+_registered = []
+
+
+def register_native():
+    if _registered:
+        return
+    torch.library.register_fake("kdkernels::mixing_matrix_fwd", _fake_fwd)
+    torch.library.register_fake("kdkernels::mixing_matrix_bwd", _fake_bwd)
+    torch.library.register_autograd("kdkernels::mixing_matrix_fwd", _backward,
+                                    setup_context=_setup_context)
+    _registered.append(True)
