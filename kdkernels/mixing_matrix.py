@@ -34,7 +34,8 @@ def mixing_matrix_loss(q, k, C, B, log_decay, D=None, *, scale=None, squared=Fal
         teacher_lse: (batch, H, T) row log-sum-exps of the teacher's scaled scores (e.g. from
             its flash-attention forward), reused instead of recomputed.
         reduction: "mean" over (batch, H), "sum", or "none" → (batch, H).
-        backend: "auto", "reference" (materializes both matrices: the spec), "cpu" (tiled C++).
+        backend: "auto", "reference" (materializes both matrices: the spec), "cpu" (tiled
+            C++), "triton" (tiled; GPU, or CPU under TRITON_INTERPRET=1).
 
     Gradients flow to C, B, log_decay and D."""
     _check("q", q, 4, "(batch, T, H, d)")
@@ -81,19 +82,19 @@ def mixing_matrix_loss(q, k, C, B, log_decay, D=None, *, scale=None, squared=Fal
     P.check_choice("reduction", reduction, P.REDUCTIONS)
 
     P.check_choice("backend", backend, P.BACKENDS)
-    if backend in ("triton", "cuda"):
-        raise ValueError(f"mixing_matrix_loss has no {backend} kernels yet; use backend='cpu' "
-                         "(CPU tensors) or 'reference'")
-    if backend == "auto" and q.device.type != "cpu":
-        backend = "reference"  # GPU kernels are not written yet: the reference runs anywhere
+    if backend == "cuda":
+        raise ValueError("mixing_matrix_loss has no CUDA C++ kernels; use backend='triton' "
+                         "(GPU), 'cpu' or 'reference'")
     backend = P.resolve_backend(backend, q.device, [x.dtype for x in tensors],
                                 family="mixing_matrix")
+    args = (q, k, C, B, log_decay, D, scale, squared, teacher_lse)
     if backend == "reference":
         per_head = ref.mixing_matrix_loss_per_head(q, k, C, B, log_decay, D, scale=scale,
                                                    squared=squared, teacher_lse=teacher_lse)
+    elif backend == "triton":
+        per_head, _, _ = torch.ops.kdkernels.mixing_matrix_fwd_triton(*args)
     else:
-        per_head, _, _ = torch.ops.kdkernels.mixing_matrix_fwd(
-            q, k, C, B, log_decay, D, scale, squared, teacher_lse)
+        per_head, _, _ = torch.ops.kdkernels.mixing_matrix_fwd(*args)
     if reduction == "mean":
         return per_head.mean()
     return per_head.sum() if reduction == "sum" else per_head

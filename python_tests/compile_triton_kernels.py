@@ -9,6 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kdkernels.triton_kernels import mixing_matrix as mm
 from kdkernels.triton_kernels.divergence import _divergence_fwd_kernel
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
@@ -27,12 +28,36 @@ def variants():
                    FUSED_Q=mode == 0 and need_q and not need_p, BLOCK=4096)
 
 
+MM_COMMON = {"Q": "*fp32", "K": "*fp32", "C": "*fp32", "Bm": "*fp32", "CS": "*fp64", "DV": "*fp32",
+             "LSE": "*fp32"}
+MM_KERNELS = [  # (kernel, its other arguments' types, extra constexprs)
+    (mm._mm_fwd_kernel, {"PART": "*fp32", "T": "i32", "scale": "fp32"}, ({"HAS_LSE": False}, {"HAS_LSE": True})),
+    (mm._mm_bwd_rows_kernel, {"COEF": "*fp32", "DC": "*fp32", "DCS": "*fp32", "DDP": "*fp32", "T": "i32",
+                              "n_blocks": "i32", "scale": "fp32"}, ({},)),
+    (mm._mm_bwd_cols_kernel, {"COEF": "*fp32", "DB": "*fp32", "DCS": "*fp32", "T": "i32",
+                              "n_blocks": "i32", "scale": "fp32"}, ({},)),
+]
+
+
+def compile_one(fn, signature, consts, arch):
+    src = ASTSource(fn=fn, constexprs=consts,
+                    signature={**signature, **{c: "constexpr" for c in consts}})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+    assert "ld.global" in compiled.asm["ptx"] and compiled.asm["cubin"], (fn, consts)
+
+
 for arch in map(int, sys.argv[1:]):
     n = 0
     for consts in variants():
-        src = ASTSource(fn=_divergence_fwd_kernel, constexprs=consts,
-                        signature={**PTRS, **INTS, **FLOATS, **{c: "constexpr" for c in consts}})
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
-        assert "ld.global" in compiled.asm["ptx"] and compiled.asm["cubin"], consts
+        compile_one(_divergence_fwd_kernel, {**PTRS, **INTS, **FLOATS}, consts, arch)
         n += 1
     print(f"compiled {n} variants for sm_{arch}")
+    m = 0
+    for fn, extra, variants_mm in MM_KERNELS:
+        for more in variants_mm:
+            for head_d, n_state in ((16, 16), (64, 64), (48, 24)):
+                consts = dict(HEAD_D=head_d, N=n_state, DP=max(16, triton.next_power_of_2(head_d)),
+                              NP=max(16, triton.next_power_of_2(n_state)), BLOCK=64, **more)
+                compile_one(fn, {**MM_COMMON, **extra}, consts, arch)
+                m += 1
+    print(f"compiled {m} mixing-matrix kernels for sm_{arch}")

@@ -543,3 +543,4 @@ def test_triton_kernels_compile_for_gpus():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "compiled 48 variants for sm_80" in out.stdout and "for sm_90" in out.stdout
+    assert "compiled 12 mixing-matrix kernels for sm_90" in out.stdout

@@ -10,9 +10,11 @@ import kdkernels
 import kdkernels._extension
 from kdkernels.reference.mixing_matrix import mixing_matrix_loss_per_head, student_mixer
 
-from helpers import assert_matches
+from helpers import HAS_TRITON, TRITON_ON_CPU, assert_matches
 
 KERNELS = [pytest.param("cpu", "cpu", id="cpu")]
+if HAS_TRITON and TRITON_ON_CPU:
+    KERNELS.append(pytest.param("triton", "cpu", id="triton-interp"))
 
 
 def make_inputs(batch=1, t=64, heads=4, groups=2, dim=16, n=16, decay="moderate", seed=0,
@@ -150,7 +152,7 @@ def test_bad_inputs():
     bad(ValueError, r"\(batch, T, H, d\)", q=q[0], k=k[0])
     bad(ValueError, "scale", scale=-1.0)
     bad(ValueError, "reduction", reduction="batchmean")
-    bad(ValueError, "no triton kernels yet", backend="triton")
+    bad(ValueError, "no CUDA C\\+\\+ kernels", backend="cuda")
 
 
 def test_opcheck():

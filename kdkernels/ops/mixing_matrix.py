@@ -1,4 +1,5 @@
-"""Ops of the MOHAWK mixing-matrix family (C++: csrc/cpu/mixing_matrix.cpp).
+"""Ops of the MOHAWK mixing-matrix family: C++ (csrc/cpu/mixing_matrix.cpp) and Triton
+(kdkernels/triton_kernels/mixing_matrix.py, as kdkernels::mixing_matrix_{fwd,bwd}_triton).
 
     kdkernels::mixing_matrix_fwd(q, k, C, B, log_decay, D?, scale, squared, teacher_lse?)
         -> loss (batch, H) fp32, lse (batch, H, T) fp32 (the teacher's row normalizers),
@@ -7,7 +8,10 @@
         -> dC, dB, dlog_decay (inputs' shapes and dtypes), dD ((H,) or empty without D)
 Shapes: q, k (batch, T, H, d); C, B (batch, T, G, N); log_decay (batch, T, H); D (H,).
 q and k get no gradient (the teacher is frozen). The backward recomputes the tiles."""
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 _ARGS = ("q", "k", "C", "B", "log_decay", "D", "scale", "squared", "teacher_lse")
 
@@ -31,14 +35,41 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.squared = scale, squared
 
 
-def _backward(ctx, grad_loss, _unused_lse, _unused_sq):
-    q, k, C, B, log_decay, D, lse, sq = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * len(_ARGS)
-    dc, db, dld, dd = torch.ops.kdkernels.mixing_matrix_bwd(
-        grad_loss.contiguous(), q, k, C, B, log_decay, D, ctx.scale, ctx.squared, lse, sq)
-    return None, None, dc, db, dld, (dd if D is not None else None), None, None, None
+def _backward_with(bwd_op):
+    def backward(ctx, grad_loss, _unused_lse, _unused_sq):
+        q, k, C, B, log_decay, D, lse, sq = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * len(_ARGS)
+        dc, db, dld, dd = bwd_op(grad_loss.contiguous(), q, k, C, B, log_decay, D, ctx.scale,
+                                 ctx.squared, lse, sq)
+        return None, None, dc, db, dld, (dd if D is not None else None), None, None, None
+    return backward
 
+
+# The Triton kernels (kdkernels/triton_kernels/mixing_matrix.py) as opaque custom ops.
+@torch.library.custom_op("kdkernels::mixing_matrix_fwd_triton", mutates_args=())
+def mixing_matrix_fwd_triton(q: Tensor, k: Tensor, C: Tensor, B: Tensor, log_decay: Tensor,
+                             D: Optional[Tensor], scale: float, squared: bool,
+                             teacher_lse: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton_kernels import mixing_matrix as kernels  # noqa: PLC0415 (imports triton)
+
+    return kernels.mixing_matrix_fwd(q, k, C, B, log_decay, D, scale, squared, teacher_lse)
+
+
+@torch.library.custom_op("kdkernels::mixing_matrix_bwd_triton", mutates_args=())
+def mixing_matrix_bwd_triton(grad_loss: Tensor, q: Tensor, k: Tensor, C: Tensor, B: Tensor,
+                             log_decay: Tensor, D: Optional[Tensor], scale: float, squared: bool,
+                             lse: Tensor, sq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..triton_kernels import mixing_matrix as kernels  # noqa: PLC0415
+
+    return kernels.mixing_matrix_bwd(grad_loss, q, k, C, B, log_decay, D, scale, squared, lse, sq)
+
+
+torch.library.register_fake("kdkernels::mixing_matrix_fwd_triton", _fake_fwd)
+torch.library.register_fake("kdkernels::mixing_matrix_bwd_triton", _fake_bwd)
+torch.library.register_autograd("kdkernels::mixing_matrix_fwd_triton",
+                                _backward_with(torch.ops.kdkernels.mixing_matrix_bwd_triton),
+                                setup_context=_setup_context)
 
 _registered = []
 
@@ -48,6 +79,8 @@ def register_native():
         return
     torch.library.register_fake("kdkernels::mixing_matrix_fwd", _fake_fwd)
     torch.library.register_fake("kdkernels::mixing_matrix_bwd", _fake_bwd)
-    torch.library.register_autograd("kdkernels::mixing_matrix_fwd", _backward,
-                                    setup_context=_setup_context)
+    torch.library.register_autograd(
+        "kdkernels::mixing_matrix_fwd",
+        _backward_with(lambda *a: torch.ops.kdkernels.mixing_matrix_bwd(*a)),
+        setup_context=_setup_context)
     _registered.append(True)
