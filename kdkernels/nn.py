@@ -2,6 +2,7 @@
 import torch
 
 from .divergence import divergence
+from .mixing_matrix import mixing_matrix_loss
 
 
 class DivergenceLoss(torch.nn.Module):
@@ -51,4 +52,23 @@ class TVDLoss(DivergenceLoss):
         super().__init__(kind="tvd", **options)
 
 
-__all__ = ["DivergenceLoss", "JSDLoss", "KLDivLoss", "TVDLoss"]
+class MixingMatrixLoss(torch.nn.Module):
+    """Module form of kdkernels.mixing_matrix_loss (MOHAWK stage 1); keyword options
+    (scale, squared, reduction, backend) are held; forward(q, k, C, B, log_decay, D=None,
+    teacher_lse=None)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        if "teacher_lse" in options:
+            raise TypeError("teacher_lse is given per call, to forward(), not to the module")
+        self.options = options
+
+    def forward(self, q, k, C, B, log_decay, D=None, teacher_lse=None):
+        return mixing_matrix_loss(q, k, C, B, log_decay, D, teacher_lse=teacher_lse,
+                                  **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+__all__ = ["DivergenceLoss", "JSDLoss", "KLDivLoss", "MixingMatrixLoss", "TVDLoss"]

@@ -50,7 +50,7 @@ def check(backend, inputs, **kw):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("t", [1, 7, 64, 257, 600])
+@pytest.mark.parametrize("t", [1, 7, 64, 257, 1024])
 @pytest.mark.parametrize("heads,groups", [(1, 1), (4, 1), (4, 4)])
 def test_shapes(backend, device, t, heads, groups):
     check(backend, make_inputs(batch=2, t=t, heads=heads, groups=groups, seed=t))
@@ -112,14 +112,15 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(fn, tuple(x.requires_grad_() for x in (C, B, ld, D)))
 
 
-def test_compile_training_step():
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_compile_training_step(backend, device):
     torch._dynamo.reset()
     q, k, C, B, ld, D = make_inputs(t=70, seed=6)
     proj = torch.nn.Linear(16, 16)
     x = torch.randn(1, 70, 2, 16)
 
     def step(x):
-        return kdkernels.mixing_matrix_loss(q, k, proj(x) / 4, B, ld, D, backend="cpu")
+        return kdkernels.mixing_matrix_loss(q, k, proj(x) / 4, B, ld, D, backend=backend)
 
     eager = step(x)
     eager.backward()
@@ -129,6 +130,14 @@ def test_compile_training_step():
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(proj.weight.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_module():
+    q, k, C, B, ld, D = make_inputs(t=20, seed=8)
+    m = kdkernels.nn.MixingMatrixLoss(squared=True, reduction="sum")
+    assert m(q, k, C, B, ld, D) == kdkernels.mixing_matrix_loss(q, k, C, B, ld, D, squared=True,
+                                                               reduction="sum")
+    assert "squared=True" in repr(m)
 
 
 def test_bad_inputs():
@@ -176,5 +185,7 @@ def test_readme_example_runs():
     if not os.path.exists(readme):
         pytest.skip("needs the source checkout")
     text = open(readme, encoding="utf-8").read()
-    code = re.search(r"<!-- mohawk-example -->\s*```python\n(.*?)```", text, re.S).group(1)
-    exec(compile(code, "README.md (MOHAWK example)", "exec"), {})  # noqa: S102 (asserts inside)
+    blocks = re.findall(r"<!-- mohawk-example -->\s*```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2, "README should hold the discrete and the standard Mamba-2 examples"
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md (MOHAWK example {i + 1})", "exec"), {})  # noqa: S102

@@ -1,7 +1,9 @@
 // kdkernels::mixing_matrix_fwd / _bwd for CPU tensors: MOHAWK's ‖M − A‖_F per (batch, head)
-// (the spec: kdkernels/reference/mixing_matrix.py) without any T×T matrix. Batch and heads
-// are flattened to BH; the causal T×T plane is walked in kTile×kTile tiles (j-tiles ≤ i-tile),
-// each a few batched ATen matmuls over BH, so memory is O(BH·T·(d + N)) plus O(BH·kTile²).
+// (the spec: kdkernels/reference/mixing_matrix.py) without any T×T matrix. For each batch
+// element, the causal T×T plane of all H heads is walked in kTile×kTile tiles (j-tiles ≤
+// i-tile), each a few matmuls batched over heads on strided (H, T, ·) views of the inputs (no
+// copies for fp32 inputs with G = H), so memory is O(T·H·N) for the gradients plus
+// O(H·kTile²) for one tile's temporaries.
 //   forward   pass 1: per-row log-sum-exp of the teacher scores (skipped with teacher_lse);
 //             pass 2: S = Σ (M − A)², tile by tile; loss = √S (or S if squared)
 //   backward  tiles recomputed; G = dL/dM = (M − A)·(1/L or 2)·grad; then
@@ -17,27 +19,28 @@
 namespace kdkernels::cpu {
 namespace {
 
-constexpr int64_t kTile = 256;
+constexpr int64_t kTile = 128;
 
-struct Flat {  // fp32 (BH, T, ·) views, heads flattened with the batch; c, b per head
+struct Flat {  // one batch element: (H, T, ·) fp32 views (no copy for fp32 inputs and G = H)
   at::Tensor q, k, c, b, cs, d;
-  int64_t batch, heads, groups, t;
+  int64_t heads, groups, t;
 };
 
 Flat flatten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& C, const at::Tensor& B,
-             const at::Tensor& log_decay, const std::optional<at::Tensor>& D) {
+             const at::Tensor& log_decay, const std::optional<at::Tensor>& D, int64_t bi) {
   Flat f;
-  f.batch = q.size(0), f.t = q.size(1), f.heads = q.size(2), f.groups = C.size(2);
-  const int64_t bh = f.batch * f.heads, per_group = f.heads / f.groups;
-  auto heads_first = [&](const at::Tensor& x) {  // (batch, T, H, n) → (BH, T, n) fp32
-    return x.to(at::kFloat).permute({0, 2, 1, 3}).reshape({bh, f.t, x.size(3)}).contiguous();
+  f.t = q.size(1), f.heads = q.size(2), f.groups = C.size(2);
+  const int64_t per_group = f.heads / f.groups;
+  auto per_head = [&](const at::Tensor& x) {  // (T, G, n) → (H, T, n), strided, fp32
+    const at::Tensor y = x.select(0, bi).to(at::kFloat);
+    return (per_group == 1 ? y : y.repeat_interleave(per_group, 1)).permute({1, 0, 2});
   };
-  f.q = heads_first(q);
-  f.k = heads_first(k);
-  f.c = heads_first(C.repeat_interleave(per_group, 2));
-  f.b = heads_first(B.repeat_interleave(per_group, 2));
-  f.cs = log_decay.to(at::kDouble).cumsum(1).permute({0, 2, 1}).reshape({bh, f.t}).contiguous();
-  f.d = D.has_value() ? D->to(at::kFloat).repeat({f.batch}) : at::zeros({bh}, q.options().dtype(at::kFloat));
+  f.q = q.select(0, bi).to(at::kFloat).permute({1, 0, 2});
+  f.k = k.select(0, bi).to(at::kFloat).permute({1, 0, 2});
+  f.c = per_head(C);
+  f.b = per_head(B);
+  f.cs = log_decay.select(0, bi).to(at::kDouble).cumsum(0).t().contiguous();  // (H, T)
+  f.d = D.has_value() ? D->to(at::kFloat) : at::zeros({f.heads}, q.options().dtype(at::kFloat));
   return f;
 }
 
@@ -80,9 +83,8 @@ Tile make_tile(const Flat& f, const at::Tensor& lse, int64_t i0, int64_t ti, int
   return t;
 }
 
-at::Tensor teacher_lse_of(const Flat& f, double scale) {  // (BH, T) fp32
+void teacher_lse_of(const Flat& f, double scale, at::Tensor lse) {  // fills lse (H, T) fp32
   const int64_t bh = f.q.size(0);
-  at::Tensor lse = at::empty({bh, f.t}, f.q.options());
   for (int64_t i0 = 0; i0 < f.t; i0 += kTile) {
     const int64_t ti = std::min(kTile, f.t - i0);
     at::Tensor m = at::full({bh, ti}, -INFINITY, f.q.options());
@@ -97,7 +99,6 @@ at::Tensor teacher_lse_of(const Flat& f, double scale) {  // (BH, T) fp32
     }
     lse.narrow(1, i0, ti).copy_(m + z.log());
   }
-  return lse;
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& C,
@@ -117,23 +118,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixing_matrix_fwd_cpu(
     const at::Tensor& log_decay, const std::optional<at::Tensor>& D, double scale, bool squared,
     const std::optional<at::Tensor>& teacher_lse) {
   check_inputs(q, k, C, B, log_decay);
-  const Flat f = flatten(q, k, C, B, log_decay, D);
-  const int64_t bh = f.q.size(0);
-  // (A copy of teacher_lse: an output must not alias an input.)
-  const at::Tensor lse = teacher_lse.has_value()
-                             ? teacher_lse->to(at::kFloat, false, /*copy=*/true).reshape({bh, f.t}).contiguous()
-                             : teacher_lse_of(f, scale);
-  at::Tensor sq = at::zeros({bh}, q.options().dtype(at::kDouble));
-  for (int64_t i0 = 0; i0 < f.t; i0 += kTile) {
-    const int64_t ti = std::min(kTile, f.t - i0);
-    for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
-      const int64_t tj = std::min(kTile, f.t - j0);
-      const Tile t = make_tile(f, lse, i0, ti, j0, tj, scale);
-      sq += (t.m - t.a).square().sum({1, 2}).to(at::kDouble);
+  const int64_t batch = q.size(0), t = q.size(1), heads = q.size(2);
+  const auto f32 = q.options().dtype(at::kFloat);
+  // (lse is an output: a copy of teacher_lse, never an alias of it.)
+  at::Tensor lse = teacher_lse.has_value() ? teacher_lse->to(at::kFloat, false, /*copy=*/true).contiguous()
+                                           : at::empty({batch, heads, t}, f32);
+  at::Tensor sq = at::zeros({batch, heads}, q.options().dtype(at::kDouble));
+  for (int64_t bi = 0; bi < batch; ++bi) {
+    const Flat f = flatten(q, k, C, B, log_decay, D, bi);
+    const at::Tensor lse_b = lse.select(0, bi);
+    if (!teacher_lse.has_value()) teacher_lse_of(f, scale, lse_b);
+    at::Tensor sq_b = sq.select(0, bi);
+    for (int64_t i0 = 0; i0 < t; i0 += kTile) {
+      const int64_t ti = std::min(kTile, t - i0);
+      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+        const int64_t tj = std::min(kTile, t - j0);
+        const Tile tile = make_tile(f, lse_b, i0, ti, j0, tj, scale);
+        sq_b += (tile.m - tile.a).square().sum({1, 2}).to(at::kDouble);
+      }
     }
   }
-  const at::Tensor loss = (squared ? sq : sq.sqrt()).to(at::kFloat).view({f.batch, f.heads});
-  return {loss, lse.view({f.batch, f.heads, f.t}), sq.to(at::kFloat).view({f.batch, f.heads})};
+  const at::Tensor loss = (squared ? sq : sq.sqrt()).to(at::kFloat);
+  return {loss, lse, sq.to(at::kFloat)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixing_matrix_bwd_cpu(
@@ -141,42 +147,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixing_matrix_bwd_cpu
     const at::Tensor& B, const at::Tensor& log_decay, const std::optional<at::Tensor>& D,
     double scale, bool squared, const at::Tensor& lse, const at::Tensor& sq) {
   check_inputs(q, k, C, B, log_decay);
-  const Flat f = flatten(q, k, C, B, log_decay, D);
-  const int64_t bh = f.q.size(0), n = f.c.size(2);
-  const at::Tensor lse_flat = lse.to(at::kFloat).reshape({bh, f.t}).contiguous();
+  const int64_t batch = q.size(0), t = q.size(1), heads = q.size(2), groups = C.size(2);
+  const int64_t n = C.size(3), per_group = heads / groups;
+  const auto f32 = q.options().dtype(at::kFloat);
   // dL/dM = (M − A) · coef per (b, h): 1/L for L = √S (0 where S = 0), 2 if squared.
-  const at::Tensor s = sq.to(at::kFloat).reshape({bh});
+  const at::Tensor s = sq.to(at::kFloat);
   at::Tensor coef = squared ? at::full_like(s, 2.f) : at::where(s > 0, s.rsqrt(), at::zeros_like(s));
-  coef = (coef * grad_loss.to(at::kFloat).reshape({bh})).view({bh, 1, 1});
-  at::Tensor dc = at::zeros({bh, f.t, n}, f.c.options());
-  at::Tensor db = at::zeros({bh, f.t, n}, f.c.options());
-  at::Tensor dcs = at::zeros({bh, f.t}, f.c.options());
-  at::Tensor dd = at::zeros({bh}, f.c.options());
-  for (int64_t i0 = 0; i0 < f.t; i0 += kTile) {
-    const int64_t ti = std::min(kTile, f.t - i0);
-    for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
-      const int64_t tj = std::min(kTile, f.t - j0);
-      const Tile t = make_tile(f, lse_flat, i0, ti, j0, tj, scale);
-      const at::Tensor g = (t.m - t.a) * coef;
-      const at::Tensor ge = g * t.e;
-      dc.narrow(1, i0, ti).add_(at::bmm(ge, f.b.narrow(1, j0, tj)));
-      db.narrow(1, j0, tj).add_(at::bmm(ge.transpose(1, 2), f.c.narrow(1, i0, ti)));
-      const at::Tensor w = g * t.mp;
-      dcs.narrow(1, i0, ti).add_(w.sum(2));
-      dcs.narrow(1, j0, tj).sub_(w.sum(1));
-      if (j0 + tj > i0) dd += g.diagonal(i0 - j0, 1, 2).sum(1);  // entries (i, i) of this tile
+  coef = coef * grad_loss.to(at::kFloat);  // (batch, H)
+  // Gradients of C, B accumulate straight into their (batch, T, G, N) layout when G = H.
+  at::Tensor d_c = at::zeros({batch, t, groups, n}, f32), d_b = at::zeros({batch, t, groups, n}, f32);
+  at::Tensor d_ld = at::empty({batch, t, heads}, f32), d_d = at::zeros({heads}, f32);
+  for (int64_t bi = 0; bi < batch; ++bi) {
+    const Flat f = flatten(q, k, C, B, log_decay, D, bi);
+    const at::Tensor lse_b = lse.select(0, bi).to(at::kFloat);
+    const at::Tensor coef_b = coef.select(0, bi).view({heads, 1, 1});
+    at::Tensor dc = per_group == 1 ? d_c.select(0, bi).permute({1, 0, 2}) : at::zeros({heads, t, n}, f32);
+    at::Tensor db = per_group == 1 ? d_b.select(0, bi).permute({1, 0, 2}) : at::zeros({heads, t, n}, f32);
+    at::Tensor dcs = at::zeros({heads, t}, f32);
+    for (int64_t i0 = 0; i0 < t; i0 += kTile) {
+      const int64_t ti = std::min(kTile, t - i0);
+      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+        const int64_t tj = std::min(kTile, t - j0);
+        const Tile tile = make_tile(f, lse_b, i0, ti, j0, tj, scale);
+        const at::Tensor g = (tile.m - tile.a) * coef_b;
+        const at::Tensor ge = g * tile.e;
+        dc.narrow(1, i0, ti).add_(at::bmm(ge, f.b.narrow(1, j0, tj)));
+        db.narrow(1, j0, tj).add_(at::bmm(ge.transpose(1, 2), f.c.narrow(1, i0, ti)));
+        const at::Tensor w = g * tile.mp;
+        dcs.narrow(1, i0, ti).add_(w.sum(2));
+        dcs.narrow(1, j0, tj).sub_(w.sum(1));
+        if (j0 + tj > i0) d_d += g.diagonal(i0 - j0, 1, 2).sum(1);  // entries (i, i) of this tile
+      }
     }
+    if (per_group > 1) {  // C and B were shared by the H/G heads of a group
+      d_c.select(0, bi).copy_(dc.view({groups, per_group, t, n}).sum(1).permute({1, 0, 2}));
+      d_b.select(0, bi).copy_(db.view({groups, per_group, t, n}).sum(1).permute({1, 0, 2}));
+    }
+    d_ld.select(0, bi).copy_(dcs.flip(1).cumsum(1).flip(1).t());  // reverse cumulative sum
   }
-  // Back to the inputs' layouts; C and B were shared by the H/G heads of a group.
-  const int64_t per_group = f.heads / f.groups;
-  auto to_groups = [&](const at::Tensor& x, const at::Tensor& like) {
-    return x.view({f.batch, f.groups, per_group, f.t, n}).sum(2).permute({0, 2, 1, 3}).to(like.scalar_type()).contiguous();
-  };
-  const at::Tensor dld = dcs.flip(1).cumsum(1).flip(1).view({f.batch, f.heads, f.t}).permute({0, 2, 1})
-                             .to(log_decay.scalar_type()).contiguous();
-  const at::Tensor d_d = D.has_value() ? dd.view({f.batch, f.heads}).sum(0).to(D->scalar_type())
-                                       : at::empty({0}, q.options());
-  return {to_groups(dc, C), to_groups(db, B), dld, d_d};
+  return {d_c.to(C.scalar_type()), d_b.to(B.scalar_type()), d_ld.to(log_decay.scalar_type()),
+          D.has_value() ? d_d.to(D->scalar_type()) : at::empty({0}, f32)};
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
