@@ -55,9 +55,10 @@ for arch in map(int, sys.argv[1:]):
     m = 0
     for fn, extra, variants_mm in MM_KERNELS:
         for more in variants_mm:
-            for head_d, n_state in ((16, 16), (64, 64), (48, 24)):
+            for head_d, n_state, dt in ((16, 16, "fp32"), (64, 64, "bf16"), (48, 24, "fp16")):
                 consts = dict(HEAD_D=head_d, N=n_state, DP=max(16, triton.next_power_of_2(head_d)),
                               NP=max(16, triton.next_power_of_2(n_state)), BLOCK=64, **more)
-                compile_one(fn, {**MM_COMMON, **extra}, consts, arch)
+                tiles = {name: f"*{dt}" for name in ("Q", "K", "C", "Bm")}
+                compile_one(fn, {**MM_COMMON, **tiles, **extra}, consts, arch)
                 m += 1
     print(f"compiled {m} mixing-matrix kernels for sm_{arch}")

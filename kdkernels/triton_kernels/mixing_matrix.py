@@ -7,7 +7,9 @@ tiles of its row (column), recomputing A, E = exp(segment sums) and M' = (C Bᵀ
                  cols kernel: dB_j = Σ_i (G⊙E)ᵀ C_i, dcs_j −= Σ_i G⊙M'
 with G = (M − A)·coef, coef = 2 (squared) or 1/‖M − A‖_F, times the incoming gradient. No
 atomics; nothing T×T is stored. Segment sums are differences of float64 cumulative sums.
-Dot products of fp32 tiles use IEEE fp32 (not TF32): exact first, tensor-core formats later.
+bf16/fp16 inputs keep their dtype on GPUs, so q·kᵀ and C·Bᵀ run on tensor cores (their
+products are exact in fp32); fp32 tiles (and the gradient products, whose left operand is an
+fp32 tile) use IEEE fp32 dots, not TF32: exact first.
 """
 import torch
 import triton
@@ -110,7 +112,7 @@ def _mm_bwd_rows_kernel(Q, K, C, Bm, CS, DV, LSE, COEF, DC, DCS, DDP, T, n_block
                                                    bh * T, bh * T, jb * BLOCK, T, scale,
                                                    HEAD_D, N, DP, NP, BLOCK)
         g = tl.where(valid, (m - a) * coef, 0.0)
-        dc += tl.dot(g * e, b, input_precision="ieee")
+        dc += tl.dot(g * e, b.to(tl.float32), input_precision="ieee")
         dcs += tl.sum(g * mp, 1)
         ddiag += tl.sum(tl.where(rows[:, None] == cols[None, :], g, 0.0), 1)
     dn = tl.arange(0, NP)
@@ -136,7 +138,7 @@ def _mm_bwd_cols_kernel(Q, K, C, Bm, CS, DV, LSE, COEF, DB, DCS, T, n_blocks, sc
                                                    bh * T, bh * T, jb * BLOCK, T, scale,
                                                    HEAD_D, N, DP, NP, BLOCK)
         g = tl.where(valid, (m - a) * coef, 0.0)
-        db += tl.dot(tl.trans(g * e), c, input_precision="ieee")
+        db += tl.dot(tl.trans(g * e), c.to(tl.float32), input_precision="ieee")
         dcs -= tl.sum(g * mp, 0)
     cols = jb * BLOCK + tl.arange(0, BLOCK)
     dn = tl.arange(0, NP)
@@ -145,19 +147,31 @@ def _mm_bwd_cols_kernel(Q, K, C, Bm, CS, DV, LSE, COEF, DB, DCS, T, n_blocks, sc
     tl.store(DCS + bh * T + cols, dcs, mask=cols < T)
 
 
+def _tile_dtype(x, y):
+    """bf16/fp16 pairs stay in their dtype on a GPU: their tile products (q·kᵀ, C·Bᵀ) then run
+    on tensor cores and are exact in fp32 all the same. Anything else (and the interpreter,
+    which has no bf16 math) works in fp32."""
+    if x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16) and not triton_interpreted():
+        return x.dtype
+    return torch.float32
+
+
 def _flatten(q, k, C, B, log_decay, D):
-    """fp32 (BH, T, ·) copies, heads flattened with the batch; C, B per head; float64 cs."""
+    """(BH, T, ·) copies, heads flattened with the batch; C, B per head; float64 cs."""
     batch, t, heads, _ = q.shape
     per_group = heads // C.shape[2]
     bh = batch * heads
+    qk_dtype, cb_dtype = _tile_dtype(q, k), _tile_dtype(C, B)
 
     def heads_first(x):
-        return x.float().permute(0, 2, 1, 3).reshape(bh, t, x.shape[-1]).contiguous()
+        dtype = qk_dtype if x is q or x is k else cb_dtype
+        return x.to(dtype).permute(0, 2, 1, 3).reshape(bh, t, x.shape[-1]).contiguous()
 
     cs = log_decay.double().cumsum(1).permute(0, 2, 1).reshape(bh, t).contiguous()
     d = D.float().repeat(batch) if D is not None else q.new_zeros(bh, dtype=torch.float32)
-    return (heads_first(q), heads_first(k), heads_first(C.repeat_interleave(per_group, 2)),
-            heads_first(B.repeat_interleave(per_group, 2)), cs, d.contiguous())
+    c = C.repeat_interleave(per_group, 2).to(cb_dtype).permute(0, 2, 1, 3).reshape(bh, t, -1)
+    b = B.repeat_interleave(per_group, 2).to(cb_dtype).permute(0, 2, 1, 3).reshape(bh, t, -1)
+    return heads_first(q), heads_first(k), c.contiguous(), b.contiguous(), cs, d.contiguous()
 
 
 def _meta(q, C):
