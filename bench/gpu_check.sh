@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (the device tool's `run`): ~8 minutes on an H200, every
-# stage under its own timeout (150 + 90 + 150 + 200 s at most).
+# stage under its own timeout (150 + 90 + 120 + 150 + 60 s at most: inside one 10-minute call).
 #
 # Prepare here (no GPU needed), once:   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5 pytest-benchmark==5.2.3 py-cpuinfo
 # Then run there:   bash bench/gpu_check.sh        (carry: [".whl"])
 # Everything lands in $OUT: nvidia-smi.txt, install.log, cmake.log, tests.log, bench.txt,
-# bench.json, summary.txt. KDK_HBM_GBPS (default 4800, the H200's) sets the roofline column. Copy the numbers into bench/results/DATE-GPU.md and the README table.
+# bench.json, bench_mm.txt, summary.txt (at most 8 files come back from the device tool). KDK_HBM_GBPS (default 4800, the H200's) sets the roofline column. Copy the numbers into bench/results/DATE-GPU.md and the README table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kdkernels-gpu-check}
@@ -40,12 +40,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import kdkernels; print(kdkernels.backend_info())" | tee -a "$OUT/summary.txt"
 
 say "tests (every backend present, Triton on the GPU)"
-timeout 150 python3 -m pytest python_tests -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout 120 python3 -m pytest python_tests -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
 say "tests exit $? : $(tail -1 "$OUT/tests.log")"
 
-say "benchmarks (fwd+bwd, N=8192: bf16 V=32000/128256/262144, fp32 V=128256; fkl, jsd, tvd)"
-KDK_HBM_GBPS=${KDK_HBM_GBPS:-4800} timeout 200 python3 -m pytest bench/ --benchmark-only \
-  --benchmark-json="$OUT/bench.json" -q > "$OUT/bench.txt" 2>&1
+say "divergence benchmarks (fwd+bwd, N=8192: bf16 V=32000/128256/262144, fp32 V=128256; fkl, jsd, tvd)"
+KDK_HBM_GBPS=${KDK_HBM_GBPS:-4800} timeout 150 python3 -m pytest bench/bench_divergence.py \
+  --benchmark-only --benchmark-json="$OUT/bench.json" -q > "$OUT/bench.txt" 2>&1
 say "bench exit $?"
 grep -B1 -A7 "impl  " "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
+say "mixing-matrix benchmarks (bf16, H=32, d=N=64, T=4096 and 16384; triton vs reference)"
+timeout 60 python3 -m pytest bench/bench_mixing_matrix.py --benchmark-only -q > "$OUT/bench_mm.txt" 2>&1
+say "bench_mm exit $?"
+grep -B1 -A4 "impl  " "$OUT/bench_mm.txt" | tee -a "$OUT/summary.txt"
 say "done"

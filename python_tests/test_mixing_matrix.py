@@ -10,11 +10,13 @@ import kdkernels
 import kdkernels._extension
 from kdkernels.reference.mixing_matrix import mixing_matrix_loss_per_head, student_mixer
 
-from helpers import HAS_TRITON, TRITON_ON_CPU, assert_matches
+from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, assert_matches
 
 KERNELS = [pytest.param("cpu", "cpu", id="cpu")]
 if HAS_TRITON and TRITON_ON_CPU:
     KERNELS.append(pytest.param("triton", "cpu", id="triton-interp"))
+if HAS_TRITON and HAS_CUDA:
+    KERNELS.append(pytest.param("triton", "cuda", id="triton-cuda"))
 
 
 def make_inputs(batch=1, t=64, heads=4, groups=2, dim=16, n=16, decay="moderate", seed=0,
@@ -38,8 +40,11 @@ def evaluate(backend, q, k, C, B, log_decay, D, grad_out=None, **kw):
     return [loss.detach(), C.grad, B.grad, log_decay.grad] + ([D.grad] if D is not None else [])
 
 
-def check(backend, inputs, **kw):
-    got = evaluate(backend, *inputs, **kw)
+def check(backend, inputs, device="cpu", **kw):
+    """backend on `device` against the reference on CPU (float64, and float32 for the tolerance)."""
+    on_device = {n: (v.to(device) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+    got = evaluate(backend, *[None if x is None else x.to(device) for x in inputs], **on_device)
+    got = [g.cpu() for g in got]
     r64 = evaluate("reference", *[None if x is None else x.double() for x in inputs], **kw)
     r32 = evaluate("reference", *[None if x is None else x.float() for x in inputs], **kw)
     names = ["loss", "dC", "dB", "dlog_decay", "dD"]
@@ -53,7 +58,7 @@ def check(backend, inputs, **kw):
 @pytest.mark.parametrize("t", [1, 7, 64, 257, 1024])
 @pytest.mark.parametrize("heads,groups", [(1, 1), (4, 1), (4, 4)])
 def test_shapes(backend, device, t, heads, groups):
-    check(backend, make_inputs(batch=2, t=t, heads=heads, groups=groups, seed=t))
+    check(backend, make_inputs(batch=2, t=t, heads=heads, groups=groups, seed=t), device)
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
@@ -65,7 +70,7 @@ def test_options(backend, device, dim, n, decay, squared, with_d):
     inputs = make_inputs(t=300, dim=dim, n=n, decay=decay, seed=1)
     if not with_d:
         inputs[5] = None
-    check(backend, inputs, squared=squared)
+    check(backend, inputs, device, squared=squared)
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
@@ -77,9 +82,9 @@ def test_reductions_and_teacher_lse(backend, device, reduction):
     causal = torch.ones(270, 270, dtype=torch.bool).tril()
     lse = torch.logsumexp(scores.masked_fill(~causal, float("-inf")), dim=-1)  # (batch, H, T)
     grad_out = torch.rand(2, 4) if reduction == "none" else None
-    with_lse = check(backend, [q, k, C, B, ld, D], scale=scale, teacher_lse=lse.float(),
+    with_lse = check(backend, [q, k, C, B, ld, D], device, scale=scale, teacher_lse=lse.float(),
                      reduction=reduction, grad_out=grad_out)
-    without = check(backend, [q, k, C, B, ld, D], scale=scale, reduction=reduction,
+    without = check(backend, [q, k, C, B, ld, D], device, scale=scale, reduction=reduction,
                     grad_out=grad_out)
     assert with_lse[0].shape == ((2, 4) if reduction == "none" else ())
     torch.testing.assert_close(with_lse[0], without[0], rtol=1e-5, atol=1e-6)
@@ -87,7 +92,7 @@ def test_reductions_and_teacher_lse(backend, device, reduction):
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_bf16_inputs(backend, device):
-    check(backend, make_inputs(t=257, dtype=torch.bfloat16, seed=3))
+    check(backend, make_inputs(t=257, dtype=torch.bfloat16, seed=3), device)
 
 
 def test_reference_matches_definition():
@@ -115,9 +120,9 @@ def test_reference_gradcheck():
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_compile_training_step(backend, device):
     torch._dynamo.reset()
-    q, k, C, B, ld, D = make_inputs(t=70, seed=6)
-    proj = torch.nn.Linear(16, 16)
-    x = torch.randn(1, 70, 2, 16)
+    q, k, C, B, ld, D = (v.to(device) for v in make_inputs(t=70, seed=6))
+    proj = torch.nn.Linear(16, 16).to(device)
+    x = torch.randn(1, 70, 2, 16, device=device)
 
     def step(x):
         return kdkernels.mixing_matrix_loss(q, k, proj(x) / 4, B, ld, D, backend=backend)
