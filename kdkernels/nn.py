@@ -3,6 +3,7 @@ import torch
 
 from .divergence import divergence
 from .mixing_matrix import mixing_matrix_loss
+from .token_relation import token_relation_loss
 
 
 class DivergenceLoss(torch.nn.Module):
@@ -71,4 +72,25 @@ class MixingMatrixLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-__all__ = ["DivergenceLoss", "JSDLoss", "KLDivLoss", "MixingMatrixLoss", "TVDLoss"]
+class TokenRelationLoss(torch.nn.Module):
+    """Module form of kdkernels.token_relation_loss; keyword options are held;
+    forward(student_feats, teacher_feats, student_keys=None, teacher_keys=None, mask=None)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        for per_call in ("student_keys", "teacher_keys", "mask"):
+            if per_call in options:
+                raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
+        self.options = options
+
+    def forward(self, student_feats, teacher_feats, student_keys=None, teacher_keys=None,
+                mask=None):
+        return token_relation_loss(student_feats, teacher_feats, student_keys=student_keys,
+                                   teacher_keys=teacher_keys, mask=mask, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+__all__ = ["DivergenceLoss", "JSDLoss", "KLDivLoss", "MixingMatrixLoss", "TVDLoss",
+           "TokenRelationLoss"]

@@ -1,0 +1,78 @@
+"""Public API of the token-relation family: token_relation_loss()."""
+import torch
+
+from . import _plumbing as P
+from .reference import token_relation as ref
+
+SIMILARITIES = ("dot", "cosine")
+LOSSES = ("kl", "mse")
+
+
+def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teacher_keys=None,
+                        temperature=1.0, teacher_temperature=None, similarity="dot", loss="kl",
+                        causal=False, mask=None, reduction="mean", backend="auto"):
+    """Token-relation distillation loss (TRG's relation graph / contextual loss, MiniLM's
+    relation KL): the student's token-to-token relation distributions matched to the teacher's.
+
+    Args:
+        student_feats, teacher_feats: (batch, T, d) or (batch, R, T, d); d may differ between
+            the models, batch, R and T may not.
+        student_keys, teacher_keys: optional keys of the same layout (the relation is then
+            queries vs keys: MiniLM's attention-distribution transfer). Give both or neither.
+        temperature: divides the student's relation logits (and the teacher's, unless
+            teacher_temperature is given). similarity: "dot" (F_i·F_j/√d) or "cosine".
+        loss: "kl" (KL(P_i‖Q_i) per row) or "mse" (Σ_j (P_ij − Q_ij)²).
+        causal: only j ≤ i. mask: (batch, T) bool, True = a real token; padded rows dropped.
+        reduction: "mean" over kept rows (and heads), "sum", or "none" → (batch, [R,] T).
+        backend: "auto" or "reference". The tiled cpu and triton kernels are not written yet
+            (issue 5 in progress): for now every backend choice runs the reference, which
+            materializes the T×T relation matrices.
+
+    Gradients flow to the student's features (and keys); the teacher's inputs are constants."""
+    for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (batch, [R,] T, d), got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} must be (batch, T, d) or (batch, R, T, d), got shape "
+                             f"{tuple(x.shape)}")
+    if student_feats.shape[:-1] != teacher_feats.shape[:-1]:
+        raise ValueError("student_feats and teacher_feats must agree on batch, [R,] and T "
+                         f"(d may differ), got {tuple(student_feats.shape)} and "
+                         f"{tuple(teacher_feats.shape)}")
+    if (student_keys is None) != (teacher_keys is None):
+        raise ValueError("give both student_keys and teacher_keys, or neither")
+    for name, keys, feats in (("student_keys", student_keys, student_feats),
+                              ("teacher_keys", teacher_keys, teacher_feats)):
+        if keys is not None and (not isinstance(keys, torch.Tensor) or keys.shape != feats.shape):
+            raise ValueError(f"{name} must have the shape of the matching feats "
+                             f"{tuple(feats.shape)}, got "
+                             f"{tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__}")
+    temperature = P.check_real("temperature", temperature, low=1e-6, high=1e6)
+    if teacher_temperature is not None:
+        teacher_temperature = P.check_real("teacher_temperature", teacher_temperature,
+                                           low=1e-6, high=1e6)
+    P.check_choice("similarity", similarity, SIMILARITIES)
+    P.check_choice("loss", loss, LOSSES)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    batch, t = student_feats.shape[0], student_feats.shape[-2]
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor (batch, T), True = a real token")
+        if tuple(mask.shape) != (batch, t):
+            raise ValueError(f"mask must be (batch, T) = {(batch, t)}, got {tuple(mask.shape)}")
+    P.check_choice("reduction", reduction, P.REDUCTIONS)
+    P.check_choice("backend", backend, P.BACKENDS)
+
+    rows = ref.token_relation_loss_rows(
+        student_feats, teacher_feats, student_keys=student_keys, teacher_keys=teacher_keys,
+        temperature=temperature, teacher_temperature=teacher_temperature,
+        similarity=similarity, loss=loss, causal=causal, mask=mask)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    kept = torch.ones_like(rows, dtype=torch.bool) if mask is None else \
+        (mask[:, None, :] if rows.dim() == 3 else mask).expand(rows.shape)
+    return rows.sum() / kept.sum().clamp_min(1)
