@@ -20,4 +20,23 @@ inline GradCoefficients grad_coefficients(int64_t mode, float mix) {
   }
 }
 
+// Fills the scalar arguments every divergence launch takes (mode, swap, TAID, mixture weight,
+// temperature, gradient coefficients and factors) into the CPU params or the CUDA args: both
+// structs name these fields alike.
+template <typename Params>
+void fill_divergence_scalars(Params& p, int64_t mode, bool swap, double mix, double temperature,
+                             double taid) {
+  p.mode = static_cast<decltype(p.mode)>(mode);
+  p.swap = swap;
+  p.taid = taid != 1.0;
+  p.mix = static_cast<float>(mix);
+  p.temperature = static_cast<float>(temperature);
+  p.lam = static_cast<float>(taid);
+  const GradCoefficients coef = grad_coefficients(mode, p.mix);
+  p.c_p = coef.c_p;
+  p.c_q = coef.c_q;
+  p.gs_factor = static_cast<float>(1.0 / temperature);  // d(logits/T)/d(logits)
+  p.gt_factor = static_cast<float>(taid / temperature);  // × λ for TAID's teacher
+}
+
 }  // namespace kdkernels

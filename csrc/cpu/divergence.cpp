@@ -101,17 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   p.loss_rows = loss_rows.data_ptr<float>();
   p.n_rows = n;
   p.vocab = v;
-  p.mode = mode;
-  p.swap = swap;
-  p.taid = taid != 1.0;
-  p.mix = static_cast<float>(mix);
-  p.temperature = static_cast<float>(temperature);
-  p.lam = static_cast<float>(taid);
-  const GradCoefficients coef = grad_coefficients(mode, p.mix);
-  p.c_p = coef.c_p;
-  p.c_q = coef.c_q;
-  p.gs_factor = static_cast<float>(1.0 / temperature);
-  p.gt_factor = static_cast<float>(taid / temperature);
+  fill_divergence_scalars(p, mode, swap, mix, temperature, taid);
 
   if (n > 0) {
     const DivergenceRowsFn rows_fn = pick_rows_fn();

@@ -71,17 +71,7 @@ inline PreparedCall prepare_divergence_call(
   a.loss_rows = c.loss_rows.data_ptr<float>();
   a.n_rows = n;
   a.vocab = v;
-  a.mode = static_cast<int32_t>(mode);
-  a.swap = swap;
-  a.taid = taid != 1.0;
-  a.mix = static_cast<float>(mix);
-  a.temperature = static_cast<float>(temperature);
-  a.lam = static_cast<float>(taid);
-  const GradCoefficients coef = grad_coefficients(mode, a.mix);
-  a.c_p = coef.c_p;
-  a.c_q = coef.c_q;
-  a.gs_factor = static_cast<float>(1.0 / temperature);
-  a.gt_factor = static_cast<float>(taid / temperature);
+  fill_divergence_scalars(a, mode, swap, mix, temperature, taid);
   return c;
 }
 
