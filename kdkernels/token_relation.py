@@ -1,4 +1,6 @@
 """Public API of the token-relation family: token_relation_loss()."""
+import math
+
 import torch
 
 from . import _plumbing as P
@@ -24,9 +26,9 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
         loss: "kl" (KL(P_i‖Q_i) per row) or "mse" (Σ_j (P_ij − Q_ij)²).
         causal: only j ≤ i. mask: (batch, T) bool, True = a real token; padded rows dropped.
         reduction: "mean" over kept rows (and heads), "sum", or "none" → (batch, [R,] T).
-        backend: "auto" or "reference". The tiled cpu and triton kernels are not written yet
-            (issue 5 in progress): for now every backend choice runs the reference, which
-            materializes the T×T relation matrices.
+        backend: "auto", "reference" (materializes the T×T relation matrices: the spec),
+            "cpu" (tiled C++), "triton" (tiled; GPU, or CPU under TRITON_INTERPRET=1). The
+            tiled kernels never build a T×T matrix: O(T·d) memory.
 
     Gradients flow to the student's features (and keys); the teacher's inputs are constants."""
     for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
@@ -64,15 +66,59 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
             raise ValueError(f"mask must be (batch, T) = {(batch, t)}, got {tuple(mask.shape)}")
     P.check_choice("reduction", reduction, P.REDUCTIONS)
     P.check_choice("backend", backend, P.BACKENDS)
-
-    rows = ref.token_relation_loss_rows(
-        student_feats, teacher_feats, student_keys=student_keys, teacher_keys=teacher_keys,
-        temperature=temperature, teacher_temperature=teacher_temperature,
-        similarity=similarity, loss=loss, causal=causal, mask=mask)
+    tensors = [x for x in (student_feats, teacher_feats, student_keys, teacher_keys, mask)
+               if x is not None]
+    if any(x.device != student_feats.device for x in tensors):
+        raise ValueError("all inputs must be on the same device")
+    if backend == "cuda":
+        raise ValueError("token_relation_loss has no CUDA C++ kernels; use backend='triton' "
+                         "(GPU), 'cpu' or 'reference'")
+    backend = P.resolve_backend(backend, student_feats.device,
+                                [x.dtype for x in tensors if x.is_floating_point()],
+                                family="token_relation")
+    if backend == "reference":
+        rows = ref.token_relation_loss_rows(
+            student_feats, teacher_feats, student_keys=student_keys, teacher_keys=teacher_keys,
+            temperature=temperature, teacher_temperature=teacher_temperature,
+            similarity=similarity, loss=loss, causal=causal, mask=mask)
+    else:
+        rows = _kernel_rows(backend, student_feats, teacher_feats, student_keys, teacher_keys,
+                            temperature, teacher_temperature, similarity, loss, causal, mask)
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
-    kept = torch.ones_like(rows, dtype=torch.bool) if mask is None else \
-        (mask[:, None, :] if rows.dim() == 3 else mask).expand(rows.shape)
-    return rows.sum() / kept.sum().clamp_min(1)
+    kept = rows.numel() if mask is None else mask.sum() * (rows.shape[1] if rows.dim() == 3 else 1)
+    return rows.sum() / (kept.clamp_min(1) if isinstance(kept, torch.Tensor) else max(kept, 1))
+
+
+def _kernel_rows(backend, fs, ft, ks, kt, temperature, teacher_temperature, similarity, loss,
+                 causal, mask):
+    """Per-row losses from the tiled kernels: inputs flattened to (batch·R, T, d) sequences;
+    cosine similarity becomes a dot product of normalized rows (autograd differentiates the
+    normalization); the scales fold in 1/√d and the temperatures."""
+    heads = fs.shape[1] if fs.dim() == 4 else 1
+    teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
+
+    def prepare(f, k):  # → (S, T, d) features and keys (None: the features are the keys)
+        f = f.reshape(-1, *f.shape[-2:])
+        k = None if k is None else k.reshape(-1, *k.shape[-2:])
+        if similarity == "cosine":
+            f32 = torch.promote_types(f.dtype, torch.float32)
+            f = torch.nn.functional.normalize(f.to(f32), dim=-1)
+            k = None if k is None else torch.nn.functional.normalize(k.to(f32), dim=-1)
+        return f, k
+
+    fs_, xs_ = prepare(fs, ks)
+    with torch.no_grad():
+        ft_, xt_ = prepare(ft.detach(), None if kt is None else kt.detach())
+    if similarity == "cosine":
+        scale_s, scale_t = 1.0 / temperature, 1.0 / teacher_temperature
+    else:
+        scale_s = 1.0 / (math.sqrt(fs.shape[-1]) * temperature)
+        scale_t = 1.0 / (math.sqrt(ft.shape[-1]) * teacher_temperature)
+    m = None if mask is None else (mask.repeat_interleave(heads, 0) if heads > 1 else mask).contiguous()
+    op = torch.ops.kdkernels.token_relation_fwd_triton if backend == "triton" else \
+        torch.ops.kdkernels.token_relation_fwd
+    rows, _ = op(fs_, xs_, ft_, xt_, m, scale_s, scale_t, causal, loss == "mse")
+    return rows.view(fs.shape[:-1]).to(torch.promote_types(fs.dtype, torch.float32))

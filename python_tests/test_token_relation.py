@@ -1,6 +1,7 @@
-"""kdkernels.token_relation_loss (issue 5, first increment): the reference (the spec) against a
-row-by-row evaluation of the definitions, gradients, padding, keys, heads, bad input. The
-tiled cpu / triton kernels come next and will be tested against this reference."""
+"""kdkernels.token_relation_loss: the reference (the spec) against a row-by-row evaluation of
+the definitions; the tiled kernels (cpu, triton) against the reference computed in float64,
+per-row losses and the gradients of the student's features and keys; padding, keys, heads,
+dtypes, extreme values, strided inputs, torch.compile; bad input."""
 import math
 
 import pytest
@@ -8,6 +9,14 @@ import torch
 
 import kdkernels
 from kdkernels.reference.token_relation import token_relation_loss_rows
+
+from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, UNIT, assert_matches
+
+KERNELS = [pytest.param("cpu", "cpu", id="cpu")]
+if HAS_TRITON and TRITON_ON_CPU:
+    KERNELS.append(pytest.param("triton", "cpu", id="triton-interp"))
+if HAS_TRITON and HAS_CUDA:
+    KERNELS.append(pytest.param("triton", "cuda", id="triton-cuda"))
 
 
 def feats(*shape, seed=0):
@@ -123,3 +132,174 @@ def test_bad_inputs():
     bad(ValueError, r"mask must be \(batch, T\)", mask=torch.ones(2, 4, dtype=torch.bool))
     bad(TypeError, "mask must be a bool", mask=torch.ones(2, 5))
     bad(ValueError, "reduction", reduction="batchmean")
+
+
+# ---- the tiled kernels against the float64 reference ------------------------------------
+
+def make_case(batch=2, heads=None, t=64, ds=24, dt=40, keys=False, seed=0, scale=1.0,
+              dtype=torch.float32, padded=True):
+    """Student/teacher features (and keys) in dtype, a padding mask with a padded tail, one
+    padded token mid-sequence, and (batch ≥ 3) one fully padded sequence."""
+    g = torch.Generator().manual_seed(seed)
+    lead = (batch,) if heads is None else (batch, heads)
+
+    def x(d):
+        return (torch.randn(*lead, t, d, generator=g) * scale).to(dtype)
+
+    fs, ft = x(ds), x(dt)
+    ks, kt = (x(ds), x(dt)) if keys else (None, None)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, t, dtype=torch.bool)
+        mask[-1, t - t // 3:] = False
+        mask[0, t // 2] = False
+        if batch >= 3:
+            mask[1] = False
+    return fs, ft, ks, kt, mask
+
+
+def evaluate(backend, fs, ft, ks, kt, mask, device="cpu", dtype=None, **kw):
+    """Per-row losses and the gradients (features, keys) of Σ rows·w, w fixed random weights."""
+    def put(x):
+        if x is None:
+            return None
+        x = x.to(device)
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+    fs_, ks_ = (None if x is None else put(x).detach().requires_grad_() for x in (fs, ks))
+    rows = kdkernels.token_relation_loss(fs_, put(ft), student_keys=ks_, teacher_keys=put(kt),
+                                         mask=put(mask), reduction="none", backend=backend, **kw)
+    w = torch.randn(rows.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    (rows * w.to(rows.device, rows.dtype)).sum().backward()
+    return [rows.detach().cpu(), fs_.grad.cpu()] + ([ks_.grad.cpu()] if ks is not None else [])
+
+
+def check(backend, device, case, rounding_units=1.0, factor=8.0, **kw):
+    got = evaluate(backend, *case, device=device, **kw)
+    want64 = evaluate("reference", *case, dtype=torch.float64, **kw)
+    want32 = evaluate("reference", *case, dtype=torch.float32, **kw)
+    for name, a, b, c in zip(["rows", "d_feats", "d_keys"], got, want64, want32):
+        assert a.dtype == (torch.float32 if name == "rows" else case[0].dtype), name
+        assert_matches(a, b, c, a.dtype, f"{backend} {name}", factor=factor,
+                       rounding_units=1.0 if name == "rows" else rounding_units)
+    return got
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("keys", [False, True])
+def test_kernels_match_reference(backend, device, similarity, loss, causal, keys):
+    case = make_case(batch=3, t=100, keys=keys, seed=hash((similarity, loss, causal, keys)) % 1000)
+    check(backend, device, case, similarity=similarity, loss=loss, causal=causal,
+          temperature=0.7, teacher_temperature=1.9)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("t", [1, 5, 64, 300, 1024])
+@pytest.mark.parametrize("heads", [None, 4])
+def test_kernel_shapes(backend, device, t, heads):
+    case = make_case(batch=2, heads=heads, t=t, ds=16, dt=48, seed=t)
+    check(backend, device, case, loss="kl" if t % 2 else "mse", causal=t > 64)
+    check(backend, device, case[:4] + (None,), similarity="cosine", causal=t <= 64)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_kernels_16bit(backend, device, dtype, loss):
+    """16-bit features: the reference runs the same rounded values in float64; gradients come
+    back in the features' dtype, rounded once (a full ulp under the interpreter, which
+    truncates)."""
+    case = make_case(t=130, keys=True, seed=5, dtype=dtype)
+    interp = backend == "triton" and device == "cpu"
+    check(backend, device, case, rounding_units=2.0 if interp else 1.0, loss=loss)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_mixed_dtypes_and_strided_inputs(backend, device):
+    """A bf16 teacher with an fp32 student, features that are strided slices of larger
+    tensors (every other feature, a transposed layout)."""
+    g = torch.Generator().manual_seed(3)
+    fs = torch.randn(2, 24, 70, generator=g).transpose(1, 2)  # (2, 70, 24), strided
+    ft = torch.randn(2, 70, 80, generator=g).bfloat16()[..., ::2]  # (2, 70, 40), strided
+    ks = torch.randn(2, 70, 48, generator=g)[..., 1::2]
+    kt = torch.randn(2, 70, 40, generator=g).bfloat16()
+    assert not fs.is_contiguous() and not ft.is_contiguous() and not ks.is_contiguous()
+    check(backend, device, (fs, ft, ks, kt, None), loss="kl", causal=True)
+    check(backend, device, (fs, ft, None, None, None), loss="mse", similarity="cosine")
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("scale,temperature", [(30.0, 1.0), (1.0, 1e-3), (1.0, 1e4)])
+def test_kernels_extreme_logits(backend, device, scale, temperature):
+    """Relation logits in the thousands (sharp, one-hot-like rows) and near-uniform rows: the
+    online softmaxes must stay exact and finite. At τ = 1e-3 every logit is 1000× its dot
+    product, so the dot's fp32 rounding alone moves each probability by ~1e-4 relative, in any
+    fp32 evaluation; which of two is nearer float64 is chance (measured over 6 seeds: the
+    kernels' max error was 0.3–8.7× the fp32 reference's), so that case allows 16×."""
+    case = make_case(t=150, seed=8, scale=scale)
+    for loss in ("kl", "mse"):
+        check(backend, device, case, loss=loss, temperature=temperature,
+              factor=16.0 if temperature < 1e-2 else 8.0)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kernel_reductions_and_all_padded(backend, device, reduction):
+    fs, ft, _, _, mask = make_case(batch=3, t=40, seed=9)
+    fs = fs.to(device).requires_grad_()
+    kw = dict(mask=mask.to(device), reduction=reduction)
+    got = kdkernels.token_relation_loss(fs, ft.to(device), backend=backend, **kw)
+    want = kdkernels.token_relation_loss(fs.detach().cpu().double(), ft.double(), **kw)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    got.backward()
+    assert (fs.grad.cpu()[1] == 0).all()  # the fully padded sequence gets no gradient
+    # every token padded: a 0 loss and 0 gradients, never NaN
+    fs.grad = None
+    zero = kdkernels.token_relation_loss(fs, ft.to(device), backend=backend,
+                                         mask=torch.zeros_like(mask).to(device), reduction=reduction)
+    zero.backward()
+    assert zero.item() == 0 and (fs.grad == 0).all()
+
+
+def test_cpu_kernel_compiles_fullgraph_and_passes_opcheck():
+    fs, ft, ks, kt, mask = make_case(t=40, keys=True, seed=10)
+    fs.requires_grad_()
+
+    def fn(a):
+        return kdkernels.token_relation_loss(a, ft, student_keys=ks, teacher_keys=kt, mask=mask,
+                                             causal=True, backend="cpu")
+
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(fs), fn(fs))
+    seqs = fs.shape[0]
+    args = (fs.detach().requires_grad_(), ks.detach().requires_grad_(), ft, kt, mask, 0.2, 0.15,
+            True, False)
+    torch.library.opcheck(torch.ops.kdkernels.token_relation_fwd.default, args)
+    no_keys = (args[0], None, ft, None, None, 0.2, 0.15, False, True)
+    torch.library.opcheck(torch.ops.kdkernels.token_relation_fwd.default, no_keys)
+    grad = torch.randn(seqs, fs.shape[1])
+    with torch.no_grad():
+        _, stats = torch.ops.kdkernels.token_relation_fwd(*args)
+    plain = tuple(x.detach() for x in args[:4])
+    torch.library.opcheck(torch.ops.kdkernels.token_relation_bwd.default,
+                          (grad,) + plain + (mask, 0.2, 0.15, True, False, stats))
+
+
+def test_kernel_memory_is_linear_in_t():
+    """The cpu kernel's forward+backward allocates O(T·d), never a T×T matrix: at T=2048 no
+    single op allocates a quarter of one T×T fp32 matrix (16 MiB); the reference does."""
+    fs, ft, _, _, _ = make_case(batch=1, t=2048, ds=32, dt=32, padded=False, seed=11)
+    fs.requires_grad_()
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kdkernels.token_relation_loss(fs, ft, backend="cpu").backward()
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.name.startswith(("aten::", "kdkernels"))]
+    assert len(sizes) > 10 and max(sizes) > 0  # the profiler saw the allocations
+    assert max(sizes) < 2048 * 2048 * 4 / 4, max(sizes)
+    # the reference, for contrast, allocates whole T×T matrices
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kdkernels.token_relation_loss(fs, ft, backend="reference").backward()
+    assert max(e.cpu_memory_usage for e in prof.events()) >= 2048 * 2048 * 4

@@ -1,0 +1,249 @@
+"""Triton kernels of the token-relation losses (spec: kdkernels/reference/token_relation.py;
+the same math as csrc/cpu/token_relation.cpp). Batch and relation heads are flattened into S
+sequences; a program owns one BLOCK-row (or -column) block of one sequence's T×T relation
+plane and walks the tiles of its row (column), recomputing the student's and the teacher's
+relation logits s = a_s·F_s·X_sᵀ, u = a_t·F_t·X_tᵀ (d chunked by BLOCK_K); each softmax is
+saved as its row maximum and log-sum, apart (their fp32 sum would lose |m|·2⁻²⁴):
+    forward     per row block, online: maxima and sums of both softmaxes, and for kl
+                W = Σ e^{u − m_u}((u − m_u) − (s − m_s)): KL = W/l_u + log l_s − log l_u;
+                for mse a second sweep: Σ (P − Q)², c = Σ Q(Q − P)
+    backward    G = w(Q − P) (kl) or 2w·Q((Q − P) − c) (mse), w the row's incoming gradient;
+                rows kernel: dF_s,i = a_s Σ_j G_ij X_s,j;  cols kernel: dX_s,j = a_s Σ_i G_ij F_s,i
+No atomics; nothing T×T is stored. Allowed columns: j < T, j ≤ i when causal, mask_j; a padded
+row (mask_i false) takes every column, like the reference, and is then dropped.
+bf16/fp16 features stay 16-bit on GPUs (tensor-core products, exact in fp32); fp32 tiles use
+IEEE fp32 dots, not TF32.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._plumbing import triton_interpreted
+
+
+
+@triton.jit
+def _logits(F, X, base_f, base_x, rows, cols, T, scale, D: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """(rows × cols) of scale · F·Xᵀ, F and X (S, T, D) contiguous, d walked in BLOCK_K chunks."""
+    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        f = tl.load(F + base_f + rows[:, None] * D + kk[None, :],
+                    mask=(rows[:, None] < T) & (kk[None, :] < D), other=0.0)
+        x = tl.load(X + base_x + cols[:, None] * D + kk[None, :],
+                    mask=(cols[:, None] < T) & (kk[None, :] < D), other=0.0)
+        acc += tl.dot(f, tl.trans(x), input_precision="ieee")
+    return acc * scale
+
+
+@triton.jit
+def _allowed(MASK, seq, rows, cols, T, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    ok = (cols[None, :] < T) & (rows[:, None] < T)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None])
+    if HAS_MASK:
+        row_ok = tl.load(MASK + seq * T + rows, mask=rows < T, other=0) != 0
+        col_ok = tl.load(MASK + seq * T + cols, mask=cols < T, other=0) != 0
+        ok = ok & (col_ok[None, :] | ~row_ok[:, None])  # padded rows keep every column
+    return ok
+
+
+@triton.jit
+def _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS: tl.constexpr,
+          DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
+          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Student and teacher relation logits of one tile, −inf where not allowed."""
+    ok = _allowed(MASK, seq, rows, cols, T, CAUSAL, HAS_MASK)
+    s = _logits(FS, XS, seq * T * DS, seq * T * DS, rows, cols, T, scale_s, DS, BK_S, BLOCK)
+    u = _logits(FT, XT, seq * T * DT, seq * T * DT, rows, cols, T, scale_t, DT, BK_T, BLOCK)
+    return ok, tl.where(ok, s, float("-inf")), tl.where(ok, u, float("-inf"))
+
+
+@triton.jit
+def _tr_fwd_kernel(FS, XS, FT, XT, MASK, ROWS, STATS, T, scale_s, scale_t, DS: tl.constexpr,
+                   DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr,
+                   BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                   MSE: tl.constexpr):
+    ib = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    rows = ib * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < T
+    n_cols = ib + 1 if CAUSAL else tl.cdiv(T, BLOCK)
+    m_s = tl.full((BLOCK,), -3.0e38, tl.float32)
+    m_u = tl.full((BLOCK,), -3.0e38, tl.float32)
+    l_s = tl.zeros((BLOCK,), tl.float32)
+    l_u = tl.zeros((BLOCK,), tl.float32)
+    w = tl.zeros((BLOCK,), tl.float32)
+    for jb in range(0, n_cols):
+        cols = jb * BLOCK + tl.arange(0, BLOCK)
+        ok, s, u = _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS, DT,
+                         BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK)
+        ms_new = tl.maximum(m_s, tl.max(s, 1))
+        mu_new = tl.maximum(m_u, tl.max(u, 1))
+        s_rel = s - ms_new[:, None]
+        u_rel = u - mu_new[:, None]
+        e_u = tl.exp(u_rel)
+        alpha_u = tl.exp(m_u - mu_new)
+        if not MSE:  # old W was relative to the old maxima
+            shift = (mu_new - m_u) - (ms_new - m_s)
+            w = alpha_u * (w - shift * l_u) + tl.sum(tl.where(ok, e_u * (u_rel - s_rel), 0.0), 1)
+        l_s = l_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(s_rel), 1)
+        l_u = l_u * alpha_u + tl.sum(e_u, 1)
+        m_s = ms_new
+        m_u = mu_new
+    ll_s = tl.log(l_s)
+    ll_u = tl.log(l_u)
+    c = tl.zeros((BLOCK,), tl.float32)
+    if MSE:  # second sweep with the final normalizers
+        loss = tl.zeros((BLOCK,), tl.float32)
+        for jb in range(0, n_cols):
+            cols = jb * BLOCK + tl.arange(0, BLOCK)
+            ok, s, u = _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS, DT,
+                             BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK)
+            q = tl.exp((s - m_s[:, None]) - ll_s[:, None])
+            d = q - tl.exp((u - m_u[:, None]) - ll_u[:, None])
+            loss += tl.sum(d * d, 1)
+            c += tl.sum(q * d, 1)
+    else:
+        loss = w / l_u + ll_s - ll_u
+    if HAS_MASK:
+        row_ok = tl.load(MASK + seq * T + rows, mask=rmask, other=0) != 0
+        loss = tl.where(row_ok, loss, 0.0)
+    tl.store(ROWS + seq * T + rows, loss, mask=rmask)
+    base = STATS + seq * 5 * T + rows  # (m_s, log l_s, m_u, log l_u, c): see the ops module
+    tl.store(base, m_s, mask=rmask)
+    tl.store(base + T, ll_s, mask=rmask)
+    tl.store(base + 2 * T, m_u, mask=rmask)
+    tl.store(base + 3 * T, ll_u, mask=rmask)
+    tl.store(base + 4 * T, c, mask=rmask)
+
+
+@triton.jit
+def _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
+               DS: tl.constexpr, DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr,
+               BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               MSE: tl.constexpr):
+    """G = ∂(Σ_i w_i L_i)/∂s for one tile (times a_s), 0 where not allowed or the row dropped."""
+    rmask = rows < T
+    ok, s, u = _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS, DT, BK_S,
+                     BK_T, BLOCK, CAUSAL, HAS_MASK)
+    base = STATS + seq * 5 * T + rows
+    m_s = tl.load(base, mask=rmask, other=0.0)
+    ll_s = tl.load(base + T, mask=rmask, other=0.0)
+    m_u = tl.load(base + 2 * T, mask=rmask, other=0.0)
+    ll_u = tl.load(base + 3 * T, mask=rmask, other=0.0)
+    wgt = tl.load(GRAD + seq * T + rows, mask=rmask, other=0.0) * scale_s
+    if HAS_MASK:
+        row_ok = tl.load(MASK + seq * T + rows, mask=rmask, other=0) != 0
+        wgt = tl.where(row_ok, wgt, 0.0)
+    q = tl.exp((s - m_s[:, None]) - ll_s[:, None])
+    g = q - tl.exp((u - m_u[:, None]) - ll_u[:, None])
+    if MSE:
+        c = tl.load(base + 4 * T, mask=rmask, other=0.0)
+        g = 2.0 * q * (g - c[:, None])
+    return tl.where(ok, g * wgt[:, None], 0.0)
+
+
+@triton.jit
+def _tr_bwd_rows_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, DFS, T, scale_s, scale_t,
+                        DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr,
+                        BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MSE: tl.constexpr):
+    ib = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    rows = ib * BLOCK + tl.arange(0, BLOCK)
+    dd = tl.arange(0, DSP)
+    acc = tl.zeros((BLOCK, DSP), tl.float32)
+    n_cols = ib + 1 if CAUSAL else tl.cdiv(T, BLOCK)
+    for jb in range(0, n_cols):
+        cols = jb * BLOCK + tl.arange(0, BLOCK)
+        g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
+                       DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE)
+        x = tl.load(XS + seq * T * DS + cols[:, None] * DS + dd[None, :],
+                    mask=(cols[:, None] < T) & (dd[None, :] < DS), other=0.0)
+        acc += tl.dot(g, x.to(tl.float32), input_precision="ieee")
+    tl.store(DFS + seq * T * DS + rows[:, None] * DS + dd[None, :], acc,
+             mask=(rows[:, None] < T) & (dd[None, :] < DS))
+
+
+@triton.jit
+def _tr_bwd_cols_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, DXS, T, scale_s, scale_t,
+                        DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr,
+                        BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MSE: tl.constexpr):
+    jb = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    cols = jb * BLOCK + tl.arange(0, BLOCK)
+    dd = tl.arange(0, DSP)
+    acc = tl.zeros((BLOCK, DSP), tl.float32)
+    first_row_block = jb if CAUSAL else 0
+    for ib in range(first_row_block, tl.cdiv(T, BLOCK)):
+        rows = ib * BLOCK + tl.arange(0, BLOCK)
+        g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
+                       DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE)
+        f = tl.load(FS + seq * T * DS + rows[:, None] * DS + dd[None, :],
+                    mask=(rows[:, None] < T) & (dd[None, :] < DS), other=0.0)
+        acc += tl.dot(tl.trans(g), f.to(tl.float32), input_precision="ieee")
+    tl.store(DXS + seq * T * DS + cols[:, None] * DS + dd[None, :], acc,
+             mask=(cols[:, None] < T) & (dd[None, :] < DS))
+
+
+def _tile_dtype(*xs):
+    """bf16/fp16 features stay in their dtype on a GPU (tensor-core products, exact in fp32);
+    anything else, and the interpreter (no bf16 math), works in fp32."""
+    xs = [x for x in xs if x is not None]
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) == 1 and xs[0].dtype in (torch.bfloat16, torch.float16) and not triton_interpreted():
+        return xs[0].dtype
+    return torch.float32
+
+
+def _prepare(fs, xs, ft, xt, mask):
+    ds_dtype, dt_dtype = _tile_dtype(fs, xs), _tile_dtype(ft, xt)
+    fs_, ft_ = fs.to(ds_dtype).contiguous(), ft.to(dt_dtype).contiguous()
+    xs_ = fs_ if xs is None else xs.to(ds_dtype).contiguous()
+    xt_ = ft_ if xt is None else xt.to(dt_dtype).contiguous()
+    m = mask.to(torch.int8).contiguous() if mask is not None else fs_.new_empty(1, dtype=torch.int8)
+    return fs_, xs_, ft_, xt_, m
+
+
+def _meta(fs, ft, causal, mask, mse):
+    ds, dt = fs.shape[-1], ft.shape[-1]
+    dsp = max(16, triton.next_power_of_2(ds))
+    block = 64 if dsp <= 256 else 32  # the (BLOCK, d_s) gradient accumulator lives in registers
+    return dict(DS=ds, DT=dt, BK_S=min(64, max(16, triton.next_power_of_2(ds))),
+                BK_T=min(64, max(16, triton.next_power_of_2(dt))), BLOCK=block, CAUSAL=causal,
+                HAS_MASK=mask is not None, MSE=mse), dsp
+
+
+def token_relation_fwd(fs, xs, ft, xt, mask, scale_s, scale_t, causal, mse):
+    """Launcher behind kdkernels::token_relation_fwd_triton (see kdkernels/ops/token_relation.py)."""
+    seqs, t = fs.shape[0], fs.shape[1]
+    meta, _ = _meta(fs, ft, causal, mask, mse)
+    fs_, xs_, ft_, xt_, m = _prepare(fs, xs, ft, xt, mask)
+    rows = torch.zeros(seqs, t, device=fs.device, dtype=torch.float32)
+    stats = torch.zeros(seqs, 5, t, device=fs.device, dtype=torch.float32)
+    if t > 0 and seqs > 0:
+        _tr_fwd_kernel[(triton.cdiv(t, meta["BLOCK"]), seqs)](
+            fs_, xs_, ft_, xt_, m, rows, stats, t, float(scale_s), float(scale_t), **meta)
+    return rows, stats
+
+
+def token_relation_bwd(grad_rows, fs, xs, ft, xt, mask, scale_s, scale_t, causal, mse, stats):
+    """Launcher behind kdkernels::token_relation_bwd_triton."""
+    seqs, t = fs.shape[0], fs.shape[1]
+    meta, dsp = _meta(fs, ft, causal, mask, mse)
+    fs_, xs_, ft_, xt_, m = _prepare(fs, xs, ft, xt, mask)
+    grad = grad_rows.float().contiguous()
+    stats = stats.float().contiguous()
+    dfs = torch.zeros(seqs, t, fs.shape[-1], device=fs.device, dtype=torch.float32)
+    dxs = torch.zeros_like(dfs)
+    if t > 0 and seqs > 0:
+        grid = (triton.cdiv(t, meta["BLOCK"]), seqs)
+        args = (fs_, xs_, ft_, xt_, m, stats, grad)
+        _tr_bwd_rows_kernel[grid](*args, dfs, t, float(scale_s), float(scale_t), DSP=dsp, **meta)
+        _tr_bwd_cols_kernel[grid](*args, dxs, t, float(scale_s), float(scale_t), DSP=dsp, **meta)
+    if xs is None:  # the features are their own keys: both sides are their gradient
+        return dfs.add_(dxs).to(fs.dtype), fs.new_empty((0,))
+    return dfs.to(fs.dtype), dxs.to(xs.dtype)
