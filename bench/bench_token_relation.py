@@ -4,7 +4,8 @@ MiniLM implementation does), eager and under torch.compile; forward+backward, ti
 memory.
 CPU default (issue 5's target): fp32, batch 2, T=4096, d_s=384, d_t=768, backend cpu.
 GPU default: bf16, batch 8, R=12 relation heads, T=4096, d=64, backend triton.
-Override with KDK_TR_T (comma list of T), KDK_TR_LOSS (comma list of kl, mse)."""
+Override with KDK_TR_T (comma list of T), KDK_TR_LOSS (comma list of kl, mse), KDK_TR_IMPLS
+(comma list of ours, reference, compile)."""
 import os
 
 import pytest
@@ -21,6 +22,8 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 TS = [int(t) for t in os.environ.get("KDK_TR_T", "4096").split(",")]
 LOSSES = os.environ.get("KDK_TR_LOSS", "kl,mse").split(",")
 OURS = "triton" if GPU else "cpu"
+IMPLS = [OURS if i == "ours" else i
+         for i in os.environ.get("KDK_TR_IMPLS", "ours,reference,compile").split(",")]
 # (batch, R or None, d_s, d_t)
 SHAPE = (8, 12, 64, 64) if GPU else (2, None, 384, 768)
 
@@ -43,7 +46,7 @@ _compiled = torch.compile(_reference_mean)
 
 @pytest.mark.parametrize("t", TS)
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("impl", [OURS, "reference", "compile"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_token_relation(benchmark, record, t, loss, impl):
     fs, ft = make(t)
 

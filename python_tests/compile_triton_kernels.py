@@ -10,6 +10,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kdkernels.triton_kernels import mixing_matrix as mm
+from kdkernels.triton_kernels import token_relation as tr
 from kdkernels.triton_kernels.divergence import _divergence_fwd_kernel
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
@@ -39,6 +40,21 @@ MM_KERNELS = [  # (kernel, its other arguments' types, extra constexprs)
 ]
 
 
+TR_KERNELS = [  # (kernel, its pointer/scalar arguments beyond the four feature tensors)
+    (tr._tr_fwd_kernel, {"MASK": "*i8", "ROWS": "*fp32", "STATS": "*fp32"}, False),
+    (tr._tr_bwd_rows_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "DFS": "*fp32"}, True),
+    (tr._tr_bwd_cols_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "DXS": "*fp32"}, True),
+]
+
+
+def tr_variants():
+    """(dtype, d_s, d_t, causal, mask, mse): GPU-like and issue-5-CPU-like widths."""
+    yield "bf16", 64, 64, False, False, False
+    yield "bf16", 64, 64, True, True, True
+    yield "fp32", 384, 768, False, True, False
+    yield "fp16", 48, 80, True, False, True
+
+
 def compile_one(fn, signature, consts, arch):
     src = ASTSource(fn=fn, constexprs=consts,
                     signature={**signature, **{c: "constexpr" for c in consts}})
@@ -62,3 +78,13 @@ for arch in map(int, sys.argv[1:]):
                 compile_one(fn, {**MM_COMMON, **tiles, **extra}, consts, arch)
                 m += 1
     print(f"compiled {m} mixing-matrix kernels for sm_{arch}")
+    k = 0
+    for fn, extra, backward in TR_KERNELS:
+        for dt, ds, dtt, causal, mask, mse in tr_variants():
+            meta, dsp = tr._meta_for(ds, dtt, causal, mask, mse)
+            consts = {**meta, **({"DSP": dsp} if backward else {})}
+            feats = {name: f"*{dt}" for name in ("FS", "XS", "FT", "XT")}
+            scalars = {"T": "i32", "scale_s": "fp32", "scale_t": "fp32"}
+            compile_one(fn, {**feats, **extra, **scalars}, consts, arch)
+            k += 1
+    print(f"compiled {k} token-relation kernels for sm_{arch}")

@@ -1,5 +1,7 @@
-"""Shared test helpers: devices and backends to run, and the precision-aware comparison."""
+"""Shared test helpers: devices and backends to run, the precision-aware comparison, and
+the README examples."""
 import os
+import re
 
 import pytest
 import torch
@@ -51,3 +53,15 @@ def assert_matches(actual, ref64, ref32, out_dtype, what, factor=8.0, rounding_u
     assert not bad.any(), (f"{what}: max error {err.max().item():.3e} (tol there "
                            f"{tol.flatten()[err.flatten().argmax()].item():.3e}); fp32 formula error "
                            f"{float(fp32_err):.3e}; scale {float(scale):.3e}")
+
+
+def run_readme_examples(marker, expected):
+    """Runs the README's python blocks between <!-- marker --> and <!-- /marker -->."""
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    if not os.path.exists(readme):
+        pytest.skip("needs the source checkout")
+    text = open(readme, encoding="utf-8").read()
+    blocks = re.findall(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
+    assert len(blocks) == expected, f"README should hold {expected} {marker} blocks"
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md ({marker} {i + 1})", "exec"), {})  # noqa: S102

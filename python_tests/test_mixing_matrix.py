@@ -10,7 +10,7 @@ import kdkernels
 import kdkernels._extension
 from kdkernels.reference.mixing_matrix import mixing_matrix_loss_per_head, student_mixer
 
-from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, assert_matches
+from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, assert_matches, run_readme_examples
 
 KERNELS = [pytest.param("cpu", "cpu", id="cpu")]
 if HAS_TRITON and TRITON_ON_CPU:
@@ -182,15 +182,5 @@ def test_opcheck():
 
 
 def test_readme_example_runs():
-    """README's MOHAWK example (between its markers) runs and lowers the loss."""
-    import os  # noqa: PLC0415
-    import re  # noqa: PLC0415
-
-    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
-    if not os.path.exists(readme):
-        pytest.skip("needs the source checkout")
-    text = open(readme, encoding="utf-8").read()
-    blocks = re.findall(r"<!-- mohawk-example -->\s*```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 2, "README should hold the discrete and the standard Mamba-2 examples"
-    for i, code in enumerate(blocks):
-        exec(compile(code, f"README.md (MOHAWK example {i + 1})", "exec"), {})  # noqa: S102
+    """README's MOHAWK examples (discrete and standard Mamba-2) run and lower the loss."""
+    run_readme_examples("mohawk-example", expected=2)

@@ -10,7 +10,7 @@ import torch
 import kdkernels
 from kdkernels.reference.token_relation import token_relation_loss_rows
 
-from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, UNIT, assert_matches
+from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, assert_matches, run_readme_examples
 
 KERNELS = [pytest.param("cpu", "cpu", id="cpu")]
 if HAS_TRITON and TRITON_ON_CPU:
@@ -303,3 +303,8 @@ def test_kernel_memory_is_linear_in_t():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         kdkernels.token_relation_loss(fs, ft, backend="reference").backward()
     assert max(e.cpu_memory_usage for e in prof.events()) >= 2048 * 2048 * 4
+
+
+def test_readme_example_runs():
+    """README's token-relation example (a text encoder distilled) runs and lowers the loss."""
+    run_readme_examples("token-relation-example", expected=1)

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._register import register_pair
+
 _ARGS = ("q", "k", "C", "B", "log_decay", "D", "scale", "squared", "teacher_lse")
 
 
@@ -65,22 +67,16 @@ def mixing_matrix_bwd_triton(grad_loss: Tensor, q: Tensor, k: Tensor, C: Tensor,
     return kernels.mixing_matrix_bwd(grad_loss, q, k, C, B, log_decay, D, scale, squared, lse, sq)
 
 
-torch.library.register_fake("kdkernels::mixing_matrix_fwd_triton", _fake_fwd)
-torch.library.register_fake("kdkernels::mixing_matrix_bwd_triton", _fake_bwd)
-torch.library.register_autograd("kdkernels::mixing_matrix_fwd_triton",
-                                _backward_with(torch.ops.kdkernels.mixing_matrix_bwd_triton),
-                                setup_context=_setup_context)
+register_pair("mixing_matrix_fwd_triton", "mixing_matrix_bwd_triton", _fake_fwd, _fake_bwd,
+              _backward_with, _setup_context)
 
 _registered = []
 
 
 def register_native():
+    """Python-side registrations of the C++ ops (after the extension has loaded)."""
     if _registered:
         return
-    torch.library.register_fake("kdkernels::mixing_matrix_fwd", _fake_fwd)
-    torch.library.register_fake("kdkernels::mixing_matrix_bwd", _fake_bwd)
-    torch.library.register_autograd(
-        "kdkernels::mixing_matrix_fwd",
-        _backward_with(lambda *a: torch.ops.kdkernels.mixing_matrix_bwd(*a)),
-        setup_context=_setup_context)
+    register_pair("mixing_matrix_fwd", "mixing_matrix_bwd", _fake_fwd, _fake_bwd, _backward_with,
+                  _setup_context)
     _registered.append(True)

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._register import register_pair
+
 _N_ARGS = 9  # fs, xs, ft, xt, mask, scale_s, scale_t, causal, mse
 
 
@@ -68,22 +70,16 @@ def token_relation_bwd_triton(grad_rows: Tensor, fs: Tensor, xs: Optional[Tensor
                                       causal, mse, stats)
 
 
-torch.library.register_fake("kdkernels::token_relation_fwd_triton", _fake_fwd)
-torch.library.register_fake("kdkernels::token_relation_bwd_triton", _fake_bwd)
-torch.library.register_autograd("kdkernels::token_relation_fwd_triton",
-                                _backward_with(torch.ops.kdkernels.token_relation_bwd_triton),
-                                setup_context=_setup_context)
+register_pair("token_relation_fwd_triton", "token_relation_bwd_triton", _fake_fwd, _fake_bwd,
+              _backward_with, _setup_context)
 
 _registered = []
 
 
 def register_native():
+    """Python-side registrations of the C++ ops (after the extension has loaded)."""
     if _registered:
         return
-    torch.library.register_fake("kdkernels::token_relation_fwd", _fake_fwd)
-    torch.library.register_fake("kdkernels::token_relation_bwd", _fake_bwd)
-    torch.library.register_autograd(
-        "kdkernels::token_relation_fwd",
-        _backward_with(lambda *a: torch.ops.kdkernels.token_relation_bwd(*a)),
-        setup_context=_setup_context)
+    register_pair("token_relation_fwd", "token_relation_bwd", _fake_fwd, _fake_bwd, _backward_with,
+                  _setup_context)
     _registered.append(True)

@@ -209,12 +209,16 @@ def _prepare(fs, xs, ft, xt, mask):
 
 
 def _meta(fs, ft, causal, mask, mse):
-    ds, dt = fs.shape[-1], ft.shape[-1]
+    return _meta_for(fs.shape[-1], ft.shape[-1], causal, mask is not None, mse)
+
+
+def _meta_for(ds, dt, causal, has_mask, mse):
+    """Compile-time parameters (and the padded student width DSP of the gradient kernels)."""
     dsp = max(16, triton.next_power_of_2(ds))
     block = 64 if dsp <= 256 else 32  # the (BLOCK, d_s) gradient accumulator lives in registers
     return dict(DS=ds, DT=dt, BK_S=min(64, max(16, triton.next_power_of_2(ds))),
                 BK_T=min(64, max(16, triton.next_power_of_2(dt))), BLOCK=block, CAUSAL=causal,
-                HAS_MASK=mask is not None, MSE=mse), dsp
+                HAS_MASK=has_mask, MSE=mse), dsp
 
 
 def token_relation_fwd(fs, xs, ft, xt, mask, scale_s, scale_t, causal, mse):
