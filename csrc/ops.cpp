@@ -24,6 +24,10 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def("mixing_matrix_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor C, Tensor B, "
         "Tensor log_decay, Tensor? D, float scale, bool squared, Tensor lse, Tensor sq) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // See kdkernels/ops/dac_kl.py.
+  m.def("dac_kl_fwd(Tensor student, Tensor teacher, Tensor lower, Tensor upper, Tensor row_weight, "
+        "float temperature, bool reduce, bool grad_student, bool grad_bounds) "
+        "-> (Tensor, Tensor, Tensor)");
   // See kdkernels/ops/token_relation.py.
   m.def("token_relation_fwd(Tensor fs, Tensor? xs, Tensor ft, Tensor? xt, Tensor? mask, "
         "float scale_s, float scale_t, bool causal, bool mse) -> (Tensor, Tensor)");

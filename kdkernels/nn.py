@@ -1,6 +1,7 @@
 """torch.nn.Module wrappers: hold the loss options, take (student_logits, teacher_logits)."""
 import torch
 
+from .dac_kl import dac_kl
 from .divergence import divergence
 from .mixing_matrix import mixing_matrix_loss
 from .token_relation import token_relation_loss
@@ -92,5 +93,78 @@ class TokenRelationLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-__all__ = ["DivergenceLoss", "JSDLoss", "KLDivLoss", "MixingMatrixLoss", "TVDLoss",
+class DACBoundsHead(torch.nn.Module):
+    """DAC-KL's bounds sub-network: a small MLP over each teacher row's top-k probabilities
+    (sorted, from softmax(teacher/T)) and its entropy, returning per-row bounds (lower, upper)
+    with 0 ≤ lower < upper ≤ 1 by construction:
+        upper = ε + (1 − ε)·σ(b),   lower = upper·(1 − ε)·σ(a),   ε = min_width
+    so upper − lower ≥ ε² > 0 always. Initialized near (0, 1), i.e. near plain forward KL.
+    forward(teacher_logits) → (lower, upper), each shaped like the leading dims; the inputs
+    are computed without gradient (the teacher is a constant), the MLP trains through the
+    bounds' exact derivatives in kdkernels.dac_kl."""
+
+    def __init__(self, k=16, width=64, temperature=1.0, min_width=0.05):
+        super().__init__()
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        if not 0 < min_width < 1:
+            raise ValueError(f"min_width must be in (0, 1), got {min_width!r}")
+        self.k, self.temperature, self.min_width = k, float(temperature), float(min_width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(k + 1, width), torch.nn.GELU(),
+                                       torch.nn.Linear(width, 2))
+        with torch.no_grad():  # start at lower ≈ 0.02, upper ≈ 0.98
+            self.mlp[-1].weight.mul_(0.1)
+            self.mlp[-1].bias.copy_(torch.tensor([-4.0, 4.0]))
+
+    def features(self, teacher_logits):
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
+            k = min(self.k, logp.shape[-1])
+            top = logp.topk(k, dim=-1).values.exp()
+            if k < self.k:
+                top = torch.nn.functional.pad(top, (0, self.k - k))
+            entropy = -(logp.exp() * logp.clamp_min(-1e30)).sum(-1, keepdim=True)
+            return torch.cat([top, entropy], dim=-1)
+
+    def forward(self, teacher_logits):
+        a, b = self.mlp(self.features(teacher_logits).to(self.mlp[0].weight.dtype)).unbind(-1)
+        eps = self.min_width
+        upper = eps + (1 - eps) * torch.sigmoid(b)
+        lower = upper * (1 - eps) * torch.sigmoid(a)
+        return lower, upper
+
+    def extra_repr(self):
+        return f"k={self.k}, temperature={self.temperature}, min_width={self.min_width}"
+
+
+class DACKLLoss(torch.nn.Module):
+    """DAC-KL with learnable bounds: a DACBoundsHead (given, or built from k/width) predicts
+    each row's band from the teacher logits, and kdkernels.dac_kl computes the loss; the head
+    trains jointly with the student. Options (temperature, t2_scale, reduction, backend) are
+    held; forward(student_logits, teacher_logits, labels=None, mask=None, num_items=None).
+    The last bounds are kept in .last_bounds (detached) for logging."""
+
+    def __init__(self, head=None, k=16, width=64, **options):
+        super().__init__()
+        for per_call in ("labels", "mask", "num_items", "lower", "upper"):
+            if per_call in options:
+                raise TypeError(f"{per_call} is given per call (or by the head), not to the module")
+        self.head = head if head is not None else DACBoundsHead(
+            k=k, width=width, temperature=options.get("temperature", 1.0))
+        self.options = options
+        self.last_bounds = None
+
+    def forward(self, student_logits, teacher_logits, labels=None, mask=None, num_items=None):
+        lower, upper = self.head(teacher_logits)
+        self.last_bounds = (lower.detach(), upper.detach())
+        return dac_kl(student_logits, teacher_logits, lower, upper, labels=labels, mask=mask,
+                      num_items=num_items, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+__all__ = ["DACBoundsHead", "DACKLLoss", "DivergenceLoss", "JSDLoss", "KLDivLoss", "MixingMatrixLoss", "TVDLoss",
            "TokenRelationLoss"]

@@ -3,10 +3,11 @@
 Native (C++/CUDA) ops are defined in csrc/ with TORCH_LIBRARY; their Python-side
 registrations run once the extension is loaded (register_native). Triton ops are
 defined here as opaque custom ops, so torch.compile sees one node per call."""
-from . import divergence, mixing_matrix, token_relation
+from . import dac_kl, divergence, mixing_matrix, token_relation
 
 
 def register_native():
     divergence.register_native()
+    dac_kl.register_native()
     mixing_matrix.register_native()
     token_relation.register_native()
