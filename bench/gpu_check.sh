@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (the device tool's `run`): ~8 minutes on an H200, every
-# stage under its own timeout (150 + 90 + 120 + 140 + 50 + 40 s at most: inside one 10-minute call).
+# stage under its own timeout (150 + 90 + 120 + 130 + 50 + 30 + 20 s at most: inside one 10-minute call).
 #
 # Prepare here (no GPU needed), once:   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5 pytest-benchmark==5.2.3 py-cpuinfo
 # Then run there:   bash bench/gpu_check.sh        (carry: [".whl"])
 # Everything lands in $OUT: nvidia-smi.txt, install.log, cmake.log, tests.log, bench.txt,
-# bench.json, bench_mm.txt (mixing matrix and token relations), summary.txt (at most 8 files come back from the device tool). KDK_HBM_GBPS (default 4800, the H200's) sets the roofline column. Copy the numbers into bench/results/DATE-GPU.md and the README table.
+# bench.json, bench_mm.txt (mixing matrix, token relations, DAC-KL), summary.txt (at most 8 files come back from the device tool). KDK_HBM_GBPS (default 4800, the H200's) sets the roofline column. Copy the numbers into bench/results/DATE-GPU.md and the README table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kdkernels-gpu-check}
@@ -44,7 +44,7 @@ timeout 120 python3 -m pytest python_tests -q -p no:cacheprovider > "$OUT/tests.
 say "tests exit $? : $(tail -1 "$OUT/tests.log")"
 
 say "divergence benchmarks (fwd+bwd, N=8192: bf16 V=32000/128256/262144, fp32 V=128256; fkl, jsd, tvd)"
-KDK_HBM_GBPS=${KDK_HBM_GBPS:-4800} timeout 140 python3 -m pytest bench/bench_divergence.py \
+KDK_HBM_GBPS=${KDK_HBM_GBPS:-4800} timeout 130 python3 -m pytest bench/bench_divergence.py \
   --benchmark-only --benchmark-json="$OUT/bench.json" -q > "$OUT/bench.txt" 2>&1
 say "bench exit $?"
 grep -B1 -A7 "impl  " "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
@@ -53,8 +53,13 @@ timeout 50 python3 -m pytest bench/bench_mixing_matrix.py --benchmark-only -q > 
 say "bench_mm exit $?"
 grep -B1 -A4 "impl  " "$OUT/bench_mm.txt" | tee -a "$OUT/summary.txt"
 say "token-relation benchmarks (kl, bf16, batch 8, R=12, T=4096, d=64; triton vs reference)"
-KDK_TR_LOSS=kl KDK_TR_IMPLS=ours,reference timeout 40 python3 -m pytest bench/bench_token_relation.py \
+KDK_TR_LOSS=kl KDK_TR_IMPLS=ours,reference timeout 30 python3 -m pytest bench/bench_token_relation.py \
   --benchmark-only -q >> "$OUT/bench_mm.txt" 2>&1
 say "bench_tr exit $?"
 grep -A4 "token_relation kl" "$OUT/bench_mm.txt" | tee -a "$OUT/summary.txt"
+say "dac-kl benchmarks (bf16, N=8192, V=128256; triton vs the sort-based reference)"
+KDK_DAC_V=128256 KDK_DAC_IMPLS=ours,reference timeout 20 python3 -m pytest bench/bench_dac_kl.py \
+  --benchmark-only -q >> "$OUT/bench_mm.txt" 2>&1
+say "bench_dac exit $?"
+grep -A3 "dac_kl fwd" "$OUT/bench_mm.txt" | tee -a "$OUT/summary.txt"
 say "done"

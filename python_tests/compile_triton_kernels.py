@@ -11,6 +11,7 @@ from triton.compiler import ASTSource
 
 from kdkernels.triton_kernels import mixing_matrix as mm
 from kdkernels.triton_kernels import token_relation as tr
+from kdkernels.triton_kernels.dac_kl import _dac_kl_fwd_kernel
 from kdkernels.triton_kernels.divergence import _divergence_fwd_kernel
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
@@ -88,3 +89,12 @@ for arch in map(int, sys.argv[1:]):
             compile_one(fn, {**feats, **extra, **scalars}, consts, arch)
             k += 1
     print(f"compiled {k} token-relation kernels for sm_{arch}")
+    j = 0
+    for s_t, t_t, g_t, grad in (("*bf16", "*bf16", "*bf16", True), ("*fp32", "*fp16", "*fp32", True),
+                                ("*fp16", "*fp32", "*fp32", False)):
+        sig = {"S": s_t, "T": t_t, "LO": "*fp64", "HI": "*fp64", "W": "*fp32", "LOSS": "*fp32",
+               "GS": g_t, "GB": "*fp32", "N": "i32", "V": "i32", "s_stride": "i64",
+               "t_stride": "i64", "gs_stride": "i64", "inv_temp": "fp32"}
+        compile_one(_dac_kl_fwd_kernel, sig, dict(BLOCK=2048, GRAD_S=grad), arch)
+        j += 1
+    print(f"compiled {j} dac-kl kernels for sm_{arch}")

@@ -10,7 +10,7 @@ import kdkernels
 import kdkernels._extension
 from kdkernels.reference.dac_kl import clipped_teacher, dac_kl_rows
 
-from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, assert_matches
+from helpers import HAS_CUDA, HAS_TRITON, TRITON_ON_CPU, assert_matches, run_readme_examples
 
 KERNELS = [pytest.param("cpu", "cpu", id="cpu")]
 if HAS_TRITON and TRITON_ON_CPU:
@@ -257,3 +257,20 @@ def test_bounds_head_range_and_gradients():
     s = torch.randn(3, 5, 100, requires_grad=True)
     loss(s, t).backward()
     assert s.grad is not None and all(p.grad is not None for p in head.parameters())
+
+
+def test_readme_example_runs():
+    """README's DAC-KL example (a student and its bounds head trained together) runs and
+    lowers the student's plain KL to the teacher."""
+    run_readme_examples("dac-kl-example", expected=1)
+
+
+def test_second_backward_raises_and_t2_scale():
+    s, t, lo, hi = make(n=3, v=40, seed=13)
+    s.requires_grad_()
+    loss = kdkernels.dac_kl(s, t, lo, hi, temperature=2.0, backend="cpu")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same kdkernels loss twice"):
+        loss.backward()
+    plain = kdkernels.dac_kl(s, t, lo, hi, temperature=2.0, t2_scale=False, backend="cpu")
+    torch.testing.assert_close(loss.detach(), 4.0 * plain.detach())

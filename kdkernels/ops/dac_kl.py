@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._plumbing import grad_dtype
 from ._register import register_fake_and_autograd
-from .divergence import _eager, _scale
+from .divergence import _scale, keep_for_hand_over, take_handed_over
 
 def student_grad_dtype(dtype, reduce):
     """fp16 gradients are made in fp32 (as in the divergence family), and so are bf16 ones
@@ -41,26 +41,13 @@ def _fake(student, teacher, lower, upper, row_weight, temperature, reduce, grad_
 
 def _setup_context(ctx, inputs, output):
     _, gs, gb = output
-    ctx.set_materialize_grads(False)
     ctx.reduce = inputs[SCHEMA_ARGS.index("reduce")]
     ctx.dtypes = (inputs[0].dtype, inputs[2].dtype, inputs[3].dtype)
-    if not _eager(gs):
-        ctx.save_for_backward(gs, gb)
-        ctx.handed_over = None
-    else:  # detached references handed over (and dropped) by backward: no copy
-        ctx.handed_over = [gs.detach(), gb.detach()]
+    keep_for_hand_over(ctx, gs, gb)
 
 
 def _backward(ctx, grad_loss, _unused_gs, _unused_gb):
-    if ctx.handed_over is None:
-        gs, gb = ctx.saved_tensors
-    elif ctx.handed_over:
-        gs, gb = ctx.handed_over
-        ctx.handed_over.clear()
-    else:
-        raise RuntimeError("kdkernels: backward through the same kdkernels loss twice "
-                           "(retain_graph=True) is not supported: the fused kernels hand over "
-                           "their saved gradient on the first backward. Compute the loss again.")
+    gs, gb = take_handed_over(ctx)
     if grad_loss is None:
         return (None,) * len(SCHEMA_ARGS)
     d_bounds = gb * grad_loss  # (2, N) times a scalar, or times per-row factors

@@ -55,18 +55,36 @@ def _eager(t):
     return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
-def _setup_context(ctx, inputs, output):
-    _, gs, gt = output
+def keep_for_hand_over(ctx, *grads):
+    """Setup-context half of the hand-over: the forward's gradients, saved for backward.
+    Eager: detached references (no reference cycle through grad_fn) that backward hands over
+    and drops, so autograd can adopt the buffer as .grad without a copy. Traced: saved."""
     ctx.set_materialize_grads(False)  # the grad outputs are never used: no (N, V) zeros for them
-    ctx.reduce = inputs[SCHEMA_ARGS.index("reduce")]
-    ctx.input_dtypes = (inputs[0].dtype, inputs[1].dtype)
-    if not _eager(gs):
-        ctx.save_for_backward(gs, gt)
+    if not _eager(grads[0]):
+        ctx.save_for_backward(*grads)
         ctx.handed_over = None
     else:
-        # Eager: keep detached references (no reference cycle through grad_fn) that backward
-        # hands over and drops, so autograd can adopt the buffer as .grad without a copy.
-        ctx.handed_over = [gs.detach(), gt.detach()]
+        ctx.handed_over = [g.detach() for g in grads]
+
+
+def take_handed_over(ctx):
+    """Backward half: the saved gradients, once."""
+    if ctx.handed_over is None:
+        return ctx.saved_tensors
+    if not ctx.handed_over:
+        raise RuntimeError("kdkernels: backward through the same kdkernels loss twice "
+                           "(retain_graph=True) is not supported: the fused kernels hand over "
+                           "their saved gradient on the first backward. Compute the loss again.")
+    grads = tuple(ctx.handed_over)
+    ctx.handed_over.clear()
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    _, gs, gt = output
+    ctx.reduce = inputs[SCHEMA_ARGS.index("reduce")]
+    ctx.input_dtypes = (inputs[0].dtype, inputs[1].dtype)
+    keep_for_hand_over(ctx, gs, gt)
 
 
 def _scale(grad, grad_loss, reduce, dtype):
@@ -86,15 +104,7 @@ def _scale(grad, grad_loss, reduce, dtype):
 
 
 def _backward(ctx, grad_loss, _unused_gs, _unused_gt):
-    if ctx.handed_over is None:
-        gs, gt = ctx.saved_tensors
-    elif ctx.handed_over:
-        gs, gt = ctx.handed_over
-        ctx.handed_over.clear()
-    else:
-        raise RuntimeError("kdkernels: backward through the same kdkernels loss twice "
-                           "(retain_graph=True) is not supported: the fused kernels hand over "
-                           "their saved gradient on the first backward. Compute the loss again.")
+    gs, gt = take_handed_over(ctx)
     return (_scale(gs, grad_loss, ctx.reduce, ctx.input_dtypes[0]),
             _scale(gt, grad_loss, ctx.reduce, ctx.input_dtypes[1])) + (None,) * (len(SCHEMA_ARGS) - 2)
 
