@@ -35,9 +35,9 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor (batch, [R,] T, d), got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dim() not in (3, 4):
-            raise ValueError(f"{name} must be (batch, T, d) or (batch, R, T, d), got shape "
-                             f"{tuple(x.shape)}")
+        if x.dim() not in (3, 4) or x.shape[-1] == 0:
+            raise ValueError(f"{name} must be (batch, T, d) or (batch, R, T, d) with d ≥ 1, got "
+                             f"shape {tuple(x.shape)}")
     if student_feats.shape[:-1] != teacher_feats.shape[:-1]:
         raise ValueError("student_feats and teacher_feats must agree on batch, [R,] and T "
                          f"(d may differ), got {tuple(student_feats.shape)} and "
@@ -100,9 +100,11 @@ def _kernel_rows(backend, fs, ft, ks, kt, temperature, teacher_temperature, simi
     heads = fs.shape[1] if fs.dim() == 4 else 1
     teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
 
+    seqs = fs.shape[0] * heads
+
     def prepare(f, k):  # → (S, T, d) features and keys (None: the features are the keys)
-        f = f.reshape(-1, *f.shape[-2:])
-        k = None if k is None else k.reshape(-1, *k.shape[-2:])
+        f = f.reshape(seqs, *f.shape[-2:])
+        k = None if k is None else k.reshape(seqs, *k.shape[-2:])
         if similarity == "cosine":
             f32 = torch.promote_types(f.dtype, torch.float32)
             f = torch.nn.functional.normalize(f.to(f32), dim=-1)

@@ -274,3 +274,39 @@ def test_second_backward_raises_and_t2_scale():
         loss.backward()
     plain = kdkernels.dac_kl(s, t, lo, hi, temperature=2.0, t2_scale=False, backend="cpu")
     torch.testing.assert_close(loss.detach(), 4.0 * plain.detach())
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_kernels_large_logits_and_narrow_tail_bands(backend, device):
+    """Logits around 1e4 (log q and log p formed from differences to the row maxima, never
+    m + log z rounded at 1e4), and narrow bands deep in the tail (the band measured in the
+    masses as computed, so p̃ still sums to 1)."""
+    s, t, lo, hi = make(n=6, v=2000, seed=14)
+    check(backend, device, (s + 1e4, t + 1e4, lo, hi))
+    lo, hi = torch.full_like(lo, 0.999), torch.full_like(hi, 0.99901)
+    check(backend, device, (s, t, lo, hi))
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_kernels_band_inside_one_group_is_flat(backend, device):
+    """Both bounds inside one tie group: p̃ = 1/count on it whatever l and u, so both bound
+    derivatives are exactly 0 (not (K − m)/(u − l) rounding noise)."""
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    t = probs.log().repeat(2, 1).to(device)
+    s = torch.randn(2, 4, generator=torch.Generator().manual_seed(15)).to(device)
+    lo = torch.tensor([0.5, 0.8], dtype=torch.float64, device=device).requires_grad_()
+    hi = torch.tensor([0.5000001, 0.9], dtype=torch.float64, device=device).requires_grad_()
+    kdkernels.dac_kl(s, t, lo, hi, backend=backend).backward()
+    assert (lo.grad == 0).all() and (hi.grad == 0).all()
+
+
+def test_cpu_row_without_a_distribution_is_nan_not_a_crash():
+    """A kept row whose logits are all −inf (or hold +inf or NaN) has no distribution: NaN,
+    and nothing is read or written out of bounds."""
+    s, t = torch.randn(5, 8), torch.randn(5, 8)
+    t[1] = float("-inf")
+    t[2, 3] = float("inf")
+    t[3, 1] = -float("nan")  # a NaN with its sign bit set
+    s[4, 0] = float("nan")
+    rows = kdkernels.dac_kl(s, t, 0.1, 0.9, reduction="none", backend="cpu")
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()

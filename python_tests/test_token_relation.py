@@ -122,6 +122,7 @@ def test_bad_inputs():
     bad(ValueError, "must agree on batch", teacher_feats=feats(2, 6, 6))
     bad(ValueError, "must agree on batch", teacher_feats=feats(3, 5, 6))
     bad(ValueError, r"\(batch, T, d\)", student_feats=feats(5, 4))
+    bad(ValueError, "d ≥ 1", student_feats=feats(2, 5, 0))
     bad(TypeError, "floating", student_feats=torch.ones(2, 5, 4, dtype=torch.long))
     bad(ValueError, "both student_keys and teacher_keys", student_keys=s)
     bad(ValueError, "student_keys must have the shape", student_keys=feats(2, 5, 3), teacher_keys=t)
@@ -203,6 +204,8 @@ def test_kernel_shapes(backend, device, t, heads):
     case = make_case(batch=2, heads=heads, t=t, ds=16, dt=48, seed=t)
     check(backend, device, case, loss="kl" if t % 2 else "mse", causal=t > 64)
     check(backend, device, case[:4] + (None,), similarity="cosine", causal=t <= 64)
+    if t >= 300:  # the symmetric walk (no keys, not causal) over several tiles, with padding
+        check(backend, device, case, loss="mse" if t % 2 else "kl")
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
@@ -308,3 +311,28 @@ def test_kernel_memory_is_linear_in_t():
 def test_readme_example_runs():
     """README's token-relation example (a text encoder distilled) runs and lowers the loss."""
     run_readme_examples("token-relation-example", expected=1)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_empty_sequences(backend, device):
+    """T = 0: a 0 loss (and an empty gradient), as the reference gives."""
+    fs = torch.randn(2, 0, 8, device=device, requires_grad=True)
+    value = kdkernels.token_relation_loss(fs, torch.randn(2, 0, 8, device=device), backend=backend)
+    value.backward()
+    assert value.item() == 0 and fs.grad.shape == fs.shape
+
+
+def test_cpu_kernel_under_inductor_with_strided_features():
+    """The fake kernels describe the real outputs (contiguous gradients for strided inputs),
+    so torch.compile's inductor backend compiles forward and backward."""
+    fs = torch.randn(2, 8, 40).transpose(1, 2).requires_grad_()  # (2, 40, 8), strided
+    ft = torch.randn(2, 40, 6)
+
+    def fn(a):
+        return kdkernels.token_relation_loss(a, ft, backend="cpu")
+
+    fn(fs).backward()
+    want = fs.grad.clone()
+    fs.grad = None
+    torch.compile(fn, fullgraph=True)(fs).backward()
+    torch.testing.assert_close(fs.grad, want)

@@ -8,7 +8,8 @@
 //      histogram of (count, mass) over the row, then two more digit levels over the few
 //      values in the chosen buckets only. No sort: O(V) per row.
 //   3. one pass: p̃ = 0 above l's group and below u's group, p/(u − l) between them, the
-//      group's overlap |[c_lo, c_hi] ∩ [l, u]| / (count·(u − l)) on each boundary group; the
+//      group's overlap |[c_lo, c_hi] ∩ [l, u]| / (count·(u − l)) on each boundary group (the
+//      band measured in the masses as computed: [l, u] times the row's fp32 total); the
 //      loss Σ p̃ (log p̃ − log q) and the gradient (q − p̃)/T, and the bounds' derivatives
 //        ∂L/∂u = (m_u − (L + 1)) / (u − l),   ∂L/∂l = ((L + 1) − m_l) / (u − l),
 //      m_G = the mean over group G of (log p̃ + 1 − log q): the boundary group's overlap grows
@@ -18,7 +19,8 @@
 // a group boundary; at l = 0 it is the derivative into the allowed range. u = 1 clips no
 // tail: no group sits at u, and ∂L/∂u = −(L + 1)/(u − l), the renormalization's part (the
 // smallest probabilities' log would make the one-sided value rounding noise).
-// Every output is multiplied by the row's weight (T², masks, 1/denominator); rows of weight 0
+// A kept row whose teacher (or student) logits are all −inf, or hold +inf, has no
+// distribution: its outputs are NaN. Every output is multiplied by the row's weight (T², masks, 1/denominator); rows of weight 0
 // are never read.
 #include <algorithm>
 #include <array>
@@ -129,38 +131,55 @@ RowOut dac_row(const S* s, const T* t, int64_t v, double lower, double upper, fl
     z_t += p[j];
     z_s += std::exp(static_cast<float>(s[j]) * inv_temp - m_s);
   }
+  // A row of all −inf, or holding +inf or NaN, has no distribution: NaN outputs.
+  auto no_distribution = [&] {
+    RowOut nan;
+    nan.loss = nan.d_lower = nan.d_upper = NAN;
+    if (grad != nullptr) std::fill(grad, grad + v, static_cast<G>(NAN));
+    return nan;
+  };
+  if (!std::isfinite(m_t) || !std::isfinite(m_s) || !std::isfinite(z_t) || !std::isfinite(z_s)) {
+    return no_distribution();
+  }
   const float inv_z = static_cast<float>(1.0 / z_t);
   std::fill(mass1.begin(), mass1.end(), 0.0);
   std::fill(count1.begin(), count1.end(), 0);
   double total = 0.0;
   for (int64_t j = 0; j < v; ++j) {
     p[j] *= inv_z;  // equal logits give equal probabilities: groups survive
-    const uint32_t b = bits_of(p[j]) >> 20;
+    // (a NaN logit makes a NaN p, whose bits may carry the sign: clamped, the row is NaN)
+    const uint32_t b = std::min<uint32_t>(bits_of(p[j]) >> 20, 2047);
     mass1[b] += p[j];
     ++count1[b];
     total += p[j];
   }
-  const float lse_s = m_s + static_cast<float>(std::log(z_s));
+  if (!std::isfinite(total)) return no_distribution();
+  // The band in the masses as computed: [l, u]·total (the fp32 probabilities sum to the total,
+  // not exactly 1), so p̃ sums to 1 even for the narrowest band near the tail.
+  const double x_l = lower * total, x_u = upper * total, width = upper - lower;
+  const double norm = total * width;  // p̃ = overlap / (count · norm)
+  // log q = (s/T − m_s) − log z_s and log p = (t/T − m_t) − log z_t: the small terms are added
+  // to the differences, never to the maxima (whose fp32 rounding would swamp them).
+  const float log_zs = static_cast<float>(std::log(z_s));
   // 2. the boundary groups
-  const Group gl = find_group(p, v, std::min(lower, total), /*closed=*/false, mass1, count1, scratch);
+  const Group gl = find_group(p, v, x_l, /*closed=*/false, mass1, count1, scratch);
   // u = 1 clips no tail (whatever the rounding of the row's total): no group at u, and u's
   // derivative is the renormalization's alone.
   const bool tail = upper < 1.0;
-  const Group gu = tail ? find_group(p, v, upper, /*closed=*/true, mass1, count1, scratch) : Group{};
-  const double width = upper - lower;
+  const Group gu = tail ? find_group(p, v, x_u, /*closed=*/true, mass1, count1, scratch) : Group{};
   auto share = [&](const Group& g) {
-    const double overlap = std::min(g.hi(), upper) - std::max(g.lo, lower);
-    return std::max(overlap, 0.0) / (static_cast<double>(g.count) * width);
+    const double overlap = std::min(g.hi(), x_u) - std::max(g.lo, x_l);
+    return std::max(overlap, 0.0) / (static_cast<double>(g.count) * norm);
   };
   const double share_l = share(gl), share_u = tail ? share(gu) : 0.0;
-  const float inv_width = static_cast<float>(1.0 / width);
-  // log p̃ of interior tokens: log p − log(u − l), p = exp(t/T − m_t)/z_t
-  const float log_base = -m_t - static_cast<float>(std::log(z_t)) - static_cast<float>(std::log(width));
+  const float inv_norm = static_cast<float>(1.0 / norm);
+  // log p̃ of interior tokens: log p − log(total·(u − l))
+  const float log_rest = static_cast<float>(std::log(z_t) + std::log(norm));
   // 3. the loss, the gradient, the boundary groups' Σ log q
   double loss = 0.0, sum_lq_l = 0.0, sum_lq_u = 0.0;
   for (int64_t j = 0; j < v; ++j) {
     const float pj = p[j];
-    const float lq = static_cast<float>(s[j]) * inv_temp - lse_s;
+    const float lq = (static_cast<float>(s[j]) * inv_temp - m_s) - log_zs;
     float pc = 0.f;
     float log_pc = 0.f;
     if (pj == gl.value || (tail && pj == gu.value)) {
@@ -168,16 +187,20 @@ RowOut dac_row(const S* s, const T* t, int64_t v, double lower, double upper, fl
       pc = static_cast<float>(sh);
       log_pc = sh > 0 ? static_cast<float>(std::log(sh)) : 0.f;
       (pj == gl.value ? sum_lq_l : sum_lq_u) += lq;
-      if (tail && gl.value == gu.value) sum_lq_u = sum_lq_l;
     } else if (pj < gl.value && pj > gu.value) {
-      pc = pj * inv_width;
-      log_pc = static_cast<float>(t[j]) * inv_temp + log_base;
+      pc = pj * inv_norm;
+      log_pc = (static_cast<float>(t[j]) * inv_temp - m_t) - log_rest;
     }
     if (pc > 0.f) loss += static_cast<double>(pc) * (log_pc - lq);
     if (grad != nullptr) grad[j] = static_cast<G>(grad_scale * (std::exp(lq) - pc));
   }
+  if (tail && gl.value == gu.value) sum_lq_u = sum_lq_l;  // one group holds both bounds
   RowOut out;
   out.loss = loss;
+  if (tail && gl.value == gu.value) {  // p̃ is 1/count on that group whatever l and u: flat
+    out.d_lower = out.d_upper = 0.0;
+    return out;
+  }
   const double k = loss + 1.0;
   const double mean_u = tail ? std::log(share_u) + 1.0 - sum_lq_u / gu.count : 0.0;
   const double mean_l = share_l > 0 ? std::log(share_l) + 1.0 - sum_lq_l / gl.count : 0.0;

@@ -35,7 +35,7 @@
 namespace kdkernels::cpu {
 namespace {
 
-constexpr int64_t kTile = 512;
+constexpr int64_t kTile = 256;
 
 struct Inputs {  // fp32, contiguous: (BR, T, d_s) ×2, (BR, T, d_t) ×2, mask (BR, T) or undefined
   at::Tensor fs, xs, ft, xt, mask;

@@ -6,7 +6,8 @@ the probabilities' bit patterns (positive floats order as their bits): for each 
 from the top, one sweep sums the mass at or above 16 candidate thresholds, for l and for u at
 once; 8 sweeps pin both groups' exact values. Then one sweep for each group's mass above it
 and size, and one for the loss, the gradient (q − p̃)/T and the boundary groups' Σ log q.
-Masses are summed per block in fp32 and across blocks in fp64.
+Masses are summed in fp64. The band is measured in the masses as computed ([l, u] times the
+row's fp32 total), so p̃ sums to 1 even for the narrowest band.
 Groups: l's is the one with c_lo ≤ l < c_hi, u's the one with c_lo < u ≤ c_hi (one-sided
 derivatives on group boundaries; inward at l = 0 and u = 1), as on the CPU.
 """
@@ -61,15 +62,16 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
             z_t += tl.sum(tl.exp(t * inv_temp - m_t), 0).to(tl.float64)
             z_s += tl.sum(tl.exp(s * inv_temp - m_s), 0).to(tl.float64)
         inv_z = (1.0 / z_t).to(tl.float32)
-        lse_s = m_s + tl.log(z_s.to(tl.float32))
-        # targets: l with "mass at or above > x" (x < total), u with "≥ x"; beyond the total,
-        # both take the smallest positive group (x = total, "≥"). u = 1 clips no tail: its
-        # group is dropped below (as on the CPU). The total is the
+        # log q = (s/T − m_s) − log z_s: small terms added to differences, never to maxima
+        log_zs = tl.log(z_s).to(tl.float32)
+        # targets, in the masses as computed (the fp32 probabilities sum to `total`, not
+        # exactly 1): l·total with "mass at or above > x", u·total with "≥ x". The total is the
         # first sweep's sum above threshold 0, summed exactly as every later threshold's sum
-        # (the same tile reduction), so the search's invariant f(prefix) ≥ x holds bit for bit.
-        l_closed = lower < 0.0
+        # (the same reduction), so the search's invariant f(prefix) ≥ x holds bit for bit.
+        # u = 1 clips no tail: its group is dropped below (as on the CPU).
         x_l = lower
         x_u = upper
+        total = tl.zeros((), tl.float64)
         digits = tl.arange(0, 16)
         pre_l = tl.zeros((), tl.int32)
         pre_u = tl.zeros((), tl.int32)
@@ -82,15 +84,15 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
             for v0 in range(0, V, BLOCK):
                 p = _probs(t_ptr, v0 + offs, V, inv_temp, m_t, inv_z)
                 bits = p.to(tl.int32, bitcast=True)
-                f_l += tl.sum(tl.where(bits[:, None] >= cand_l[None, :], p[:, None], 0.0), 0).to(tl.float64)
-                f_u += tl.sum(tl.where(bits[:, None] >= cand_u[None, :], p[:, None], 0.0), 0).to(tl.float64)
+                p64 = p.to(tl.float64)[:, None]
+                f_l += tl.sum(tl.where(bits[:, None] >= cand_l[None, :], p64, 0.0), 0)
+                f_u += tl.sum(tl.where(bits[:, None] >= cand_u[None, :], p64, 0.0), 0)
             if d == 0:
                 total = tl.sum(tl.where(digits == 0, f_u, 0.0), 0)
-                l_closed = lower >= total
-                x_l = tl.minimum(lower, total)
-                x_u = tl.minimum(upper, total)
+                x_l = lower * total
+                x_u = upper * total
             valid = digits < 8 if d == 0 else digits >= 0  # the sign bit is 0
-            ok_l = valid & tl.where(l_closed, f_l >= x_l, f_l > x_l)
+            ok_l = valid & (f_l > x_l)
             ok_u = valid & (f_u >= x_u)
             pre_l = pre_l | (tl.max(tl.where(ok_l, digits, 0), 0) << shift)
             pre_u = pre_u | (tl.max(tl.where(ok_u, digits, 0), 0) << shift)
@@ -103,8 +105,8 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
             cols = v0 + offs
             p = _probs(t_ptr, cols, V, inv_temp, m_t, inv_z)
             bits = p.to(tl.int32, bitcast=True)
-            lo_l += tl.sum(tl.where(bits > pre_l, p, 0.0), 0).to(tl.float64)
-            lo_u += tl.sum(tl.where(bits > pre_u, p, 0.0), 0).to(tl.float64)
+            lo_l += tl.sum(tl.where(bits > pre_l, p.to(tl.float64), 0.0), 0)
+            lo_u += tl.sum(tl.where(bits > pre_u, p.to(tl.float64), 0.0), 0)
             n_l += tl.sum(((bits == pre_l) & (cols < V)).to(tl.int32), 0)
             n_u += tl.sum(((bits == pre_u) & (cols < V)).to(tl.int32), 0)
         tail = upper < 1.0
@@ -112,14 +114,15 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
         v_l = pre_l.to(tl.float32, bitcast=True)
         v_u = pre_u.to(tl.float32, bitcast=True)
         width = upper - lower
-        ov_l = tl.minimum(lo_l + n_l.to(tl.float64) * v_l.to(tl.float64), upper) - tl.maximum(lo_l, lower)
-        ov_u = tl.minimum(lo_u + n_u.to(tl.float64) * v_u.to(tl.float64), upper) - tl.maximum(lo_u, lower)
-        share_l = tl.maximum(ov_l, 0.0) / (n_l.to(tl.float64) * width)
-        share_u = tl.where(tail, tl.maximum(ov_u, 0.0) / (tl.maximum(n_u, 1).to(tl.float64) * width), 0.0)
+        norm = total * width  # p̃ = overlap / (count · norm)
+        ov_l = tl.minimum(lo_l + n_l.to(tl.float64) * v_l.to(tl.float64), x_u) - tl.maximum(lo_l, x_l)
+        ov_u = tl.minimum(lo_u + n_u.to(tl.float64) * v_u.to(tl.float64), x_u) - tl.maximum(lo_u, x_l)
+        share_l = tl.maximum(ov_l, 0.0) / (n_l.to(tl.float64) * norm)
+        share_u = tl.where(tail, tl.maximum(ov_u, 0.0) / (tl.maximum(n_u, 1).to(tl.float64) * norm), 0.0)
         log_share_l = tl.log(tl.maximum(share_l, 1e-300))
         log_share_u = tl.log(tl.maximum(share_u, 1e-300))
-        inv_width = (1.0 / width).to(tl.float32)
-        log_base = -m_t + tl.log(inv_z) - tl.log(width.to(tl.float32))
+        inv_norm = (1.0 / norm).to(tl.float32)
+        log_rest = (tl.log(z_t) + tl.log(norm)).to(tl.float32)  # log p̃ = (t/T − m_t) − this
         # the loss, the gradient, Σ log q over each boundary group
         loss = tl.zeros((), tl.float64)
         lq_l = tl.zeros((), tl.float64)
@@ -130,14 +133,15 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
             t = tl.load(t_ptr + cols, mask=live, other=float("-inf")).to(tl.float32)
             s = tl.load(s_ptr + cols, mask=live, other=0.0).to(tl.float32)
             p = tl.exp(t * inv_temp - m_t) * inv_z
-            lq = s * inv_temp - lse_s
+            lq = (s * inv_temp - m_s) - log_zs
             in_l = (p == v_l) & live
             in_u = tl.where(tail, (p == v_u) & live & ~in_l, False)
             inner = (p < v_l) & (p > v_u)
             pc = tl.where(in_l, share_l.to(tl.float32),
-                          tl.where(in_u, share_u.to(tl.float32), tl.where(inner, p * inv_width, 0.0)))
+                          tl.where(in_u, share_u.to(tl.float32), tl.where(inner, p * inv_norm, 0.0)))
             log_pc = tl.where(in_l, log_share_l.to(tl.float32),
-                              tl.where(in_u, log_share_u.to(tl.float32), t * inv_temp + log_base))
+                              tl.where(in_u, log_share_u.to(tl.float32),
+                                       (t * inv_temp - m_t) - log_rest))
             loss += tl.sum(tl.where(pc > 0, pc * (log_pc - lq), 0.0), 0).to(tl.float64)
             lq_l += tl.sum(tl.where(in_l, lq, 0.0), 0).to(tl.float64)
             lq_u += tl.sum(tl.where(in_u, lq, 0.0), 0).to(tl.float64)
@@ -149,8 +153,9 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
         mean_l = log_share_l + 1.0 - lq_l / n_l.to(tl.float64)
         mean_u = tl.where(tail, log_share_u + 1.0 - lq_u / tl.maximum(n_u, 1).to(tl.float64), 0.0)
         tl.store(LOSS + row, (w * loss).to(tl.float32))
-        tl.store(GB + row, (w * (k - mean_l) / width).to(tl.float32))
-        tl.store(GB + N + row, (w * (mean_u - k) / width).to(tl.float32))
+        flat = tail & (pre_l == pre_u)  # p̃ = 1/count on one group whatever l and u
+        tl.store(GB + row, tl.where(flat, 0.0, w * (k - mean_l) / width).to(tl.float32))
+        tl.store(GB + N + row, tl.where(flat, 0.0, w * (mean_u - k) / width).to(tl.float32))
 
 
 def dac_kl_fwd(student, teacher, lower, upper, row_weight, temperature, reduce, grad_student,
