@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (the device tool's `run`): ~8 minutes on an H200, every
-# stage under its own timeout (150 + 90 + 120 + 130 + 50 + 30 + 20 s at most: inside one 10-minute call).
+# stage under its own timeout (120 + 60 + 130 + 70 + 110 + 35 + 25 + 20 s at most: inside one 10-minute call).
 #
 # Prepare here (no GPU needed), once:   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -28,32 +28,37 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (Liger, pytest-benchmar
 fi
 
 say "build (setup.py: C++ CPU + CUDA kernels for this GPU)"
-if ! MAX_JOBS=16 timeout 150 python3 setup.py build_ext --inplace > "$OUT/install.log" 2>&1; then
+if ! MAX_JOBS=16 timeout 120 python3 setup.py build_ext --inplace > "$OUT/install.log" 2>&1; then
   say "build FAILED (see install.log); the tests below use the fallbacks"
 fi
 say "CMake build and the standalone example (launcher API vs a CPU computation)"
 arch=$(python3 -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}')")
-timeout 90 bash -c "cmake -S . -B /tmp/kdk-cmake -DCMAKE_CUDA_ARCHITECTURES=$arch -DCMAKE_BUILD_TYPE=Release \
+timeout 60 bash -c "cmake -S . -B /tmp/kdk-cmake -DCMAKE_CUDA_ARCHITECTURES=$arch -DCMAKE_BUILD_TYPE=Release \
   && cmake --build /tmp/kdk-cmake -j16 && /tmp/kdk-cmake/divergence_example" > "$OUT/cmake.log" 2>&1
 say "cmake + example exit $? : $(tail -5 "$OUT/cmake.log" | tr '\n' ' ')"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import kdkernels; print(kdkernels.backend_info())" | tee -a "$OUT/summary.txt"
 
-say "tests (every backend present, Triton on the GPU)"
-timeout 120 python3 -m pytest python_tests -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
+say "tests: divergence and CUDA (every backend present, Triton on the GPU)"
+timeout 130 python3 -m pytest python_tests/test_divergence.py python_tests/test_cuda_emulated.py \
+  -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
+say "tests exit $? : $(tail -1 "$OUT/tests.log")"
+say "tests: MOHAWK, token relations, DAC-KL (Triton on the GPU)"
+timeout 70 python3 -m pytest python_tests/test_mixing_matrix.py python_tests/test_token_relation.py \
+  python_tests/test_dac_kl.py -q -p no:cacheprovider >> "$OUT/tests.log" 2>&1
 say "tests exit $? : $(tail -1 "$OUT/tests.log")"
 
 say "divergence benchmarks (fwd+bwd, N=8192: bf16 V=32000/128256/262144, fp32 V=128256; fkl, jsd, tvd)"
-KDK_HBM_GBPS=${KDK_HBM_GBPS:-4800} timeout 130 python3 -m pytest bench/bench_divergence.py \
+KDK_HBM_GBPS=${KDK_HBM_GBPS:-4800} timeout 110 python3 -m pytest bench/bench_divergence.py \
   --benchmark-only --benchmark-json="$OUT/bench.json" -q > "$OUT/bench.txt" 2>&1
 say "bench exit $?"
 grep -B1 -A7 "impl  " "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
 say "mixing-matrix benchmarks (bf16, H=32, d=N=64, T=4096 and 16384; triton vs reference)"
-timeout 50 python3 -m pytest bench/bench_mixing_matrix.py --benchmark-only -q > "$OUT/bench_mm.txt" 2>&1
+timeout 35 python3 -m pytest bench/bench_mixing_matrix.py --benchmark-only -q > "$OUT/bench_mm.txt" 2>&1
 say "bench_mm exit $?"
 grep -B1 -A4 "impl  " "$OUT/bench_mm.txt" | tee -a "$OUT/summary.txt"
 say "token-relation benchmarks (kl, bf16, batch 8, R=12, T=4096, d=64; triton vs reference)"
-KDK_TR_LOSS=kl KDK_TR_IMPLS=ours,reference timeout 30 python3 -m pytest bench/bench_token_relation.py \
+KDK_TR_LOSS=kl KDK_TR_IMPLS=ours,reference timeout 25 python3 -m pytest bench/bench_token_relation.py \
   --benchmark-only -q >> "$OUT/bench_mm.txt" 2>&1
 say "bench_tr exit $?"
 grep -A4 "token_relation kl" "$OUT/bench_mm.txt" | tee -a "$OUT/summary.txt"

@@ -201,10 +201,13 @@ def test_kernels_match_reference(backend, device, similarity, loss, causal, keys
 @pytest.mark.parametrize("t", [1, 5, 64, 300, 1024])
 @pytest.mark.parametrize("heads", [None, 4])
 def test_kernel_shapes(backend, device, t, heads):
-    case = make_case(batch=2, heads=heads, t=t, ds=16, dt=48, seed=t)
+    interpreted = backend == "triton" and device == "cpu"
+    big = interpreted and t * (heads or 1) > 1200  # the interpreter is slow: one sequence less
+    case = make_case(batch=1 if big else 2, heads=heads, t=t, ds=16, dt=48, seed=t)
     check(backend, device, case, loss="kl" if t % 2 else "mse", causal=t > 64)
     check(backend, device, case[:4] + (None,), similarity="cosine", causal=t <= 64)
-    if t >= 300:  # the symmetric walk (no keys, not causal) over several tiles, with padding
+    if t >= 300 and not (interpreted and t > 300):
+        # the cpu kernel's symmetric walk (no keys, not causal) over several tiles, with padding
         check(backend, device, case, loss="mse" if t % 2 else "kl")
 
 
