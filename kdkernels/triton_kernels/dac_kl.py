@@ -3,8 +3,8 @@ csrc/cpu/dac_kl.cpp). One program per row, no sort and no scratch memory: the te
 probabilities p = exp(t/T − m)/z are recomputed in every sweep (identically, so equal logits
 stay equal probabilities), and the two boundary groups are found by a radix-16 search over
 the probabilities' bit patterns (positive floats order as their bits): for each 4-bit digit,
-from the top, one sweep sums the mass at or above 16 candidate thresholds, for l and for u at
-once; 8 sweeps pin both groups' exact values. Then one sweep for each group's mass above it
+from the top, one sweep sums the mass at or above 16 candidate thresholds (16 reductions per
+block, so registers stay few), for l and for u at once; 8 sweeps pin both groups' values. Then one sweep for each group's mass above it
 and size, and one for the loss, the gradient (q − p̃)/T and the boundary groups' Σ log q.
 Masses are summed in fp64. The band is measured in the masses as computed ([l, u] times the
 row's fp32 total), so p̃ sums to 1 even for the narrowest band.
@@ -77,16 +77,18 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
         pre_u = tl.zeros((), tl.int32)
         for d in tl.static_range(8):
             shift = 28 - 4 * d
-            cand_l = pre_l | (digits << shift)
-            cand_u = pre_u | (digits << shift)
             f_l = tl.zeros((16,), tl.float64)
             f_u = tl.zeros((16,), tl.float64)
             for v0 in range(0, V, BLOCK):
                 p = _probs(t_ptr, v0 + offs, V, inv_temp, m_t, inv_z)
                 bits = p.to(tl.int32, bitcast=True)
-                p64 = p.to(tl.float64)[:, None]
-                f_l += tl.sum(tl.where(bits[:, None] >= cand_l[None, :], p64, 0.0), 0)
-                f_u += tl.sum(tl.where(bits[:, None] >= cand_u[None, :], p64, 0.0), 0)
+                p64 = p.to(tl.float64)
+                # one reduction per candidate, not a (BLOCK, 16) tile: few registers on a GPU
+                for c in tl.static_range(16):
+                    th_l = pre_l | (c << shift)
+                    th_u = pre_u | (c << shift)
+                    f_l += tl.where(digits == c, tl.sum(tl.where(bits >= th_l, p64, 0.0), 0), 0.0)
+                    f_u += tl.where(digits == c, tl.sum(tl.where(bits >= th_u, p64, 0.0), 0), 0.0)
             if d == 0:
                 total = tl.sum(tl.where(digits == 0, f_u, 0.0), 0)
                 x_l = lower * total

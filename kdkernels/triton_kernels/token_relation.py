@@ -9,6 +9,8 @@ saved as its row maximum and log-sum, apart (their fp32 sum would lose |m|·2⁻
                 for mse a second sweep: Σ (P − Q)², c = Σ Q(Q − P)
     backward    G = w(Q − P) (kl) or 2w·Q((Q − P) − c) (mse), w the row's incoming gradient;
                 rows kernel: dF_s,i = a_s Σ_j G_ij X_s,j;  cols kernel: dX_s,j = a_s Σ_i G_ij F_s,i
+                (the cols kernel computes its tiles transposed, X_j·F_iᵀ, as FlashAttention-2's
+                backward does: no register transpose)
 No atomics; nothing T×T is stored. Allowed columns: j < T, j ≤ i when causal, mask_j; a padded
 row (mask_i false) takes every column, like the reference, and is then dropped.
 bf16/fp16 features stay 16-bit on GPUs (tensor-core products, exact in fp32); fp32 tiles use
@@ -146,6 +148,39 @@ def _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, s
 
 
 @triton.jit
+def _grad_tile_t(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
+                 DS: tl.constexpr, DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr,
+                 BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 MSE: tl.constexpr):
+    """Gᵀ of one tile, (cols × rows), computed transposed from the start (X_j·F_i, the row
+    statistics along axis 1): the columns kernel then needs no register transpose."""
+    rmask = rows < T
+    ok = (cols[:, None] < T) & (rows[None, :] < T)
+    if CAUSAL:
+        ok = ok & (cols[:, None] <= rows[None, :])
+    if HAS_MASK:
+        row_ok = tl.load(MASK + seq * T + rows, mask=rmask, other=0) != 0
+        col_ok = tl.load(MASK + seq * T + cols, mask=cols < T, other=0) != 0
+        ok = ok & (col_ok[:, None] | ~row_ok[None, :])
+    s = _logits(XS, FS, seq * T * DS, seq * T * DS, cols, rows, T, scale_s, DS, BK_S, BLOCK)
+    u = _logits(XT, FT, seq * T * DT, seq * T * DT, cols, rows, T, scale_t, DT, BK_T, BLOCK)
+    base = STATS + seq * 5 * T + rows
+    m_s = tl.load(base, mask=rmask, other=0.0)
+    ll_s = tl.load(base + T, mask=rmask, other=0.0)
+    m_u = tl.load(base + 2 * T, mask=rmask, other=0.0)
+    ll_u = tl.load(base + 3 * T, mask=rmask, other=0.0)
+    wgt = tl.load(GRAD + seq * T + rows, mask=rmask, other=0.0) * scale_s
+    if HAS_MASK:
+        wgt = tl.where(row_ok, wgt, 0.0)
+    q = tl.exp((s - m_s[None, :]) - ll_s[None, :])
+    g = q - tl.exp((u - m_u[None, :]) - ll_u[None, :])
+    if MSE:
+        c = tl.load(base + 4 * T, mask=rmask, other=0.0)
+        g = 2.0 * q * (g - c[None, :])
+    return tl.where(ok, g * wgt[None, :], 0.0)
+
+
+@triton.jit
 def _tr_bwd_rows_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, DFS, T, scale_s, scale_t,
                         DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr,
                         BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
@@ -180,11 +215,11 @@ def _tr_bwd_cols_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, DXS, T, scale_s, scal
     first_row_block = jb if CAUSAL else 0
     for ib in range(first_row_block, tl.cdiv(T, BLOCK)):
         rows = ib * BLOCK + tl.arange(0, BLOCK)
-        g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
-                       DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE)
+        g_t = _grad_tile_t(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s,
+                           scale_t, DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE)
         f = tl.load(FS + seq * T * DS + rows[:, None] * DS + dd[None, :],
                     mask=(rows[:, None] < T) & (dd[None, :] < DS), other=0.0)
-        acc += tl.dot(tl.trans(g), f.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(g_t, f.to(tl.float32), input_precision="ieee")
     tl.store(DXS + seq * T * DS + cols[:, None] * DS + dd[None, :], acc,
              mask=(cols[:, None] < T) & (dd[None, :] < DS))
 
@@ -221,6 +256,14 @@ def _meta_for(ds, dt, causal, has_mask, mse):
                 HAS_MASK=has_mask, MSE=mse), dsp
 
 
+def _warps(fs, backward):
+    """Warps per program, from ptxas' register reports for sm_90a (bf16 tiles): the backward's
+    (BLOCK, d_s) accumulators spill with 4 warps (d_s = 384: ~2.1 KB of spill stores per
+    thread in each kernel; d_s = 64: 120 B in the columns kernel) and hardly at all with 8
+    (0 / 8 B); the forward needs 8 only for wide students."""
+    return 8 if backward or fs.shape[-1] > 128 else 4
+
+
 def token_relation_fwd(fs, xs, ft, xt, mask, scale_s, scale_t, causal, mse):
     """Launcher behind kdkernels::token_relation_fwd_triton (see kdkernels/ops/token_relation.py)."""
     seqs, t = fs.shape[0], fs.shape[1]
@@ -230,7 +273,8 @@ def token_relation_fwd(fs, xs, ft, xt, mask, scale_s, scale_t, causal, mse):
     stats = torch.zeros(seqs, 5, t, device=fs.device, dtype=torch.float32)
     if t > 0 and seqs > 0:
         _tr_fwd_kernel[(triton.cdiv(t, meta["BLOCK"]), seqs)](
-            fs_, xs_, ft_, xt_, m, rows, stats, t, float(scale_s), float(scale_t), **meta)
+            fs_, xs_, ft_, xt_, m, rows, stats, t, float(scale_s), float(scale_t),
+            num_warps=_warps(fs, backward=False), **meta)
     return rows, stats
 
 
@@ -246,8 +290,11 @@ def token_relation_bwd(grad_rows, fs, xs, ft, xt, mask, scale_s, scale_t, causal
     if t > 0 and seqs > 0:
         grid = (triton.cdiv(t, meta["BLOCK"]), seqs)
         args = (fs_, xs_, ft_, xt_, m, stats, grad)
-        _tr_bwd_rows_kernel[grid](*args, dfs, t, float(scale_s), float(scale_t), DSP=dsp, **meta)
-        _tr_bwd_cols_kernel[grid](*args, dxs, t, float(scale_s), float(scale_t), DSP=dsp, **meta)
+        warps = _warps(fs, backward=True)
+        _tr_bwd_rows_kernel[grid](*args, dfs, t, float(scale_s), float(scale_t), DSP=dsp,
+                                  num_warps=warps, **meta)
+        _tr_bwd_cols_kernel[grid](*args, dxs, t, float(scale_s), float(scale_t), DSP=dsp,
+                                  num_warps=warps, **meta)
     if xs is None:  # the features are their own keys: both sides are their gradient
         return dfs.add_(dxs).to(fs.dtype), fs.new_empty((0,))
     return dfs.to(fs.dtype), dxs.to(xs.dtype)
