@@ -37,10 +37,11 @@ def main(arch):
     for ds, dt in ((64, 64), (384, 768)):
         meta, dsp = tr._meta_for(ds, dt, False, True, False)
         fake = type("F", (), {"shape": (ds,)})
+        bwd = {**meta, "DSP": dsp}
         for name, fn, extra, consts, backward in (
                 ("token_relation fwd", tr._tr_fwd_kernel, {"MASK": "*i8", "ROWS": "*fp32", "STATS": "*fp32"}, meta, False),
-                ("token_relation bwd rows", tr._tr_bwd_rows_kernel, {**grads, "DFS": "*fp32"}, {**meta, "DSP": dsp}, True),
-                ("token_relation bwd cols", tr._tr_bwd_cols_kernel, {**grads, "DXS": "*fp32"}, {**meta, "DSP": dsp}, True)):
+                ("token_relation bwd rows", tr._tr_bwd_kernel, {**grads, "OUT": "*fp32"}, {**bwd, "COLS": False}, True),
+                ("token_relation bwd cols", tr._tr_bwd_kernel, {**grads, "OUT": "*fp32"}, {**bwd, "COLS": True}, True)):
             warps = tr._warps(fake, backward)
             print(f"{name:<26} d_s={ds:<4} {warps} warps: "
                   f"{report(fn, {**feats, **extra, **scalars}, consts, arch, warps)}")

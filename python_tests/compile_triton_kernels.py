@@ -41,10 +41,10 @@ MM_KERNELS = [  # (kernel, its other arguments' types, extra constexprs)
 ]
 
 
-TR_KERNELS = [  # (kernel, its pointer/scalar arguments beyond the four feature tensors)
-    (tr._tr_fwd_kernel, {"MASK": "*i8", "ROWS": "*fp32", "STATS": "*fp32"}, False),
-    (tr._tr_bwd_rows_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "DFS": "*fp32"}, True),
-    (tr._tr_bwd_cols_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "DXS": "*fp32"}, True),
+TR_KERNELS = [  # (kernel, its other pointers, COLS for the backward kernel or None)
+    (tr._tr_fwd_kernel, {"MASK": "*i8", "ROWS": "*fp32", "STATS": "*fp32"}, None),
+    (tr._tr_bwd_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "OUT": "*fp32"}, False),
+    (tr._tr_bwd_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "OUT": "*fp32"}, True),
 ]
 
 
@@ -80,10 +80,10 @@ for arch in map(int, sys.argv[1:]):
                 m += 1
     print(f"compiled {m} mixing-matrix kernels for sm_{arch}")
     k = 0
-    for fn, extra, backward in TR_KERNELS:
+    for fn, extra, cols in TR_KERNELS:
         for dt, ds, dtt, causal, mask, mse in tr_variants():
             meta, dsp = tr._meta_for(ds, dtt, causal, mask, mse)
-            consts = {**meta, **({"DSP": dsp} if backward else {})}
+            consts = {**meta, **({"DSP": dsp, "COLS": cols} if cols is not None else {})}
             feats = {name: f"*{dt}" for name in ("FS", "XS", "FT", "XT")}
             scalars = {"T": "i32", "scale_s": "fp32", "scale_t": "fp32"}
             compile_one(fn, {**feats, **extra, **scalars}, consts, arch)

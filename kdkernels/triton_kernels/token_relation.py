@@ -9,8 +9,8 @@ saved as its row maximum and log-sum, apart (their fp32 sum would lose |m|·2⁻
                 for mse a second sweep: Σ (P − Q)², c = Σ Q(Q − P)
     backward    G = w(Q − P) (kl) or 2w·Q((Q − P) − c) (mse), w the row's incoming gradient;
                 rows kernel: dF_s,i = a_s Σ_j G_ij X_s,j;  cols kernel: dX_s,j = a_s Σ_i G_ij F_s,i
-                (the cols kernel computes its tiles transposed, X_j·F_iᵀ, as FlashAttention-2's
-                backward does: no register transpose)
+                (one kernel, COLS; the cols kernel computes its tiles transposed, X_j·F_iᵀ, as
+                FlashAttention-2's backward does: no register transpose)
 No atomics; nothing T×T is stored. Allowed columns: j < T, j ≤ i when causal, mask_j; a padded
 row (mask_i false) takes every column, like the reference, and is then dropped.
 bf16/fp16 features stay 16-bit on GPUs (tensor-core products, exact in fp32); fp32 tiles use
@@ -40,25 +40,47 @@ def _logits(F, X, base_f, base_x, rows, cols, T, scale, D: tl.constexpr, BLOCK_K
 
 
 @triton.jit
-def _allowed(MASK, seq, rows, cols, T, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    ok = (cols[None, :] < T) & (rows[:, None] < T)
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= rows[:, None])
-    if HAS_MASK:
-        row_ok = tl.load(MASK + seq * T + rows, mask=rows < T, other=0) != 0
-        col_ok = tl.load(MASK + seq * T + cols, mask=cols < T, other=0) != 0
-        ok = ok & (col_ok[None, :] | ~row_ok[:, None])  # padded rows keep every column
-    return ok
+def _along_i(v, TRANSPOSED: tl.constexpr):
+    """A per-row (i) vector broadcast over a tile: [:, None], or [None, :] when transposed."""
+    if TRANSPOSED:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _along_j(v, TRANSPOSED: tl.constexpr):
+    """A per-column (j) vector broadcast over a tile."""
+    if TRANSPOSED:
+        return v[:, None]
+    else:
+        return v[None, :]
 
 
 @triton.jit
 def _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS: tl.constexpr,
           DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
-          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Student and teacher relation logits of one tile, −inf where not allowed."""
-    ok = _allowed(MASK, seq, rows, cols, T, CAUSAL, HAS_MASK)
-    s = _logits(FS, XS, seq * T * DS, seq * T * DS, rows, cols, T, scale_s, DS, BK_S, BLOCK)
-    u = _logits(FT, XT, seq * T * DT, seq * T * DT, rows, cols, T, scale_t, DT, BK_T, BLOCK)
+          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Which pairs are allowed, and the student's and teacher's relation logits (−inf where
+    not allowed), of the tile rows × cols; TRANSPOSED: the same tile as cols × rows, computed
+    that way from the start (X_j·F_iᵀ: no register transpose)."""
+    i2 = _along_i(rows, TRANSPOSED)
+    j2 = _along_j(cols, TRANSPOSED)
+    ok = (i2 < T) & (j2 < T)
+    if CAUSAL:
+        ok = ok & (j2 <= i2)
+    if HAS_MASK:
+        row_ok = tl.load(MASK + seq * T + rows, mask=rows < T, other=0) != 0
+        col_ok = tl.load(MASK + seq * T + cols, mask=cols < T, other=0) != 0
+        # padded rows keep every column
+        ok = ok & (_along_j(col_ok, TRANSPOSED) | ~_along_i(row_ok, TRANSPOSED))
+    base_s, base_t = seq * T * DS, seq * T * DT
+    if TRANSPOSED:
+        s = _logits(XS, FS, base_s, base_s, cols, rows, T, scale_s, DS, BK_S, BLOCK)
+        u = _logits(XT, FT, base_t, base_t, cols, rows, T, scale_t, DT, BK_T, BLOCK)
+    else:
+        s = _logits(FS, XS, base_s, base_s, rows, cols, T, scale_s, DS, BK_S, BLOCK)
+        u = _logits(FT, XT, base_t, base_t, rows, cols, T, scale_t, DT, BK_T, BLOCK)
     return ok, tl.where(ok, s, float("-inf")), tl.where(ok, u, float("-inf"))
 
 
@@ -80,7 +102,7 @@ def _tr_fwd_kernel(FS, XS, FT, XT, MASK, ROWS, STATS, T, scale_s, scale_t, DS: t
     for jb in range(0, n_cols):
         cols = jb * BLOCK + tl.arange(0, BLOCK)
         ok, s, u = _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS, DT,
-                         BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK)
+                         BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, False)
         ms_new = tl.maximum(m_s, tl.max(s, 1))
         mu_new = tl.maximum(m_u, tl.max(u, 1))
         s_rel = s - ms_new[:, None]
@@ -102,7 +124,7 @@ def _tr_fwd_kernel(FS, XS, FT, XT, MASK, ROWS, STATS, T, scale_s, scale_t, DS: t
         for jb in range(0, n_cols):
             cols = jb * BLOCK + tl.arange(0, BLOCK)
             ok, s, u = _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS, DT,
-                             BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK)
+                             BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, False)
             q = tl.exp((s - m_s[:, None]) - ll_s[:, None])
             d = q - tl.exp((u - m_u[:, None]) - ll_u[:, None])
             loss += tl.sum(d * d, 1)
@@ -125,103 +147,60 @@ def _tr_fwd_kernel(FS, XS, FT, XT, MASK, ROWS, STATS, T, scale_s, scale_t, DS: t
 def _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
                DS: tl.constexpr, DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr,
                BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-               MSE: tl.constexpr):
-    """G = ∂(Σ_i w_i L_i)/∂s for one tile (times a_s), 0 where not allowed or the row dropped."""
+               MSE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """G = ∂(Σ_i w_i L_i)/∂s of the tile rows × cols (times a_s), 0 where not allowed or the
+    row dropped; TRANSPOSED: Gᵀ, cols × rows."""
     rmask = rows < T
     ok, s, u = _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS, DT, BK_S,
-                     BK_T, BLOCK, CAUSAL, HAS_MASK)
+                     BK_T, BLOCK, CAUSAL, HAS_MASK, TRANSPOSED)
     base = STATS + seq * 5 * T + rows
-    m_s = tl.load(base, mask=rmask, other=0.0)
-    ll_s = tl.load(base + T, mask=rmask, other=0.0)
-    m_u = tl.load(base + 2 * T, mask=rmask, other=0.0)
-    ll_u = tl.load(base + 3 * T, mask=rmask, other=0.0)
+    m_s = _along_i(tl.load(base, mask=rmask, other=0.0), TRANSPOSED)
+    ll_s = _along_i(tl.load(base + T, mask=rmask, other=0.0), TRANSPOSED)
+    m_u = _along_i(tl.load(base + 2 * T, mask=rmask, other=0.0), TRANSPOSED)
+    ll_u = _along_i(tl.load(base + 3 * T, mask=rmask, other=0.0), TRANSPOSED)
     wgt = tl.load(GRAD + seq * T + rows, mask=rmask, other=0.0) * scale_s
     if HAS_MASK:
         row_ok = tl.load(MASK + seq * T + rows, mask=rmask, other=0) != 0
         wgt = tl.where(row_ok, wgt, 0.0)
-    q = tl.exp((s - m_s[:, None]) - ll_s[:, None])
-    g = q - tl.exp((u - m_u[:, None]) - ll_u[:, None])
+    q = tl.exp((s - m_s) - ll_s)
+    g = q - tl.exp((u - m_u) - ll_u)
     if MSE:
-        c = tl.load(base + 4 * T, mask=rmask, other=0.0)
-        g = 2.0 * q * (g - c[:, None])
-    return tl.where(ok, g * wgt[:, None], 0.0)
+        c = _along_i(tl.load(base + 4 * T, mask=rmask, other=0.0), TRANSPOSED)
+        g = 2.0 * q * (g - c)
+    return tl.where(ok, g * _along_i(wgt, TRANSPOSED), 0.0)
 
 
 @triton.jit
-def _grad_tile_t(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
-                 DS: tl.constexpr, DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr,
-                 BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                 MSE: tl.constexpr):
-    """Gᵀ of one tile, (cols × rows), computed transposed from the start (X_j·F_i, the row
-    statistics along axis 1): the columns kernel then needs no register transpose."""
-    rmask = rows < T
-    ok = (cols[:, None] < T) & (rows[None, :] < T)
-    if CAUSAL:
-        ok = ok & (cols[:, None] <= rows[None, :])
-    if HAS_MASK:
-        row_ok = tl.load(MASK + seq * T + rows, mask=rmask, other=0) != 0
-        col_ok = tl.load(MASK + seq * T + cols, mask=cols < T, other=0) != 0
-        ok = ok & (col_ok[:, None] | ~row_ok[None, :])
-    s = _logits(XS, FS, seq * T * DS, seq * T * DS, cols, rows, T, scale_s, DS, BK_S, BLOCK)
-    u = _logits(XT, FT, seq * T * DT, seq * T * DT, cols, rows, T, scale_t, DT, BK_T, BLOCK)
-    base = STATS + seq * 5 * T + rows
-    m_s = tl.load(base, mask=rmask, other=0.0)
-    ll_s = tl.load(base + T, mask=rmask, other=0.0)
-    m_u = tl.load(base + 2 * T, mask=rmask, other=0.0)
-    ll_u = tl.load(base + 3 * T, mask=rmask, other=0.0)
-    wgt = tl.load(GRAD + seq * T + rows, mask=rmask, other=0.0) * scale_s
-    if HAS_MASK:
-        wgt = tl.where(row_ok, wgt, 0.0)
-    q = tl.exp((s - m_s[None, :]) - ll_s[None, :])
-    g = q - tl.exp((u - m_u[None, :]) - ll_u[None, :])
-    if MSE:
-        c = tl.load(base + 4 * T, mask=rmask, other=0.0)
-        g = 2.0 * q * (g - c[None, :])
-    return tl.where(ok, g * wgt[None, :], 0.0)
-
-
-@triton.jit
-def _tr_bwd_rows_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, DFS, T, scale_s, scale_t,
-                        DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr,
-                        BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
-                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MSE: tl.constexpr):
-    ib = tl.program_id(0)
+def _tr_bwd_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, OUT, T, scale_s, scale_t,
+                   DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr, BK_S: tl.constexpr,
+                   BK_T: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_MASK: tl.constexpr, MSE: tl.constexpr, COLS: tl.constexpr):
+    """The rows kernel (COLS false): dF_s of this program's rows = Σ_j G·X_s,j, over the
+    column blocks; the columns kernel (COLS true): dX_s of its columns = Σ_i Gᵀ·F_s,i, over
+    the row blocks, with the tiles computed transposed."""
+    own_block = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
-    rows = ib * BLOCK + tl.arange(0, BLOCK)
+    own = own_block * BLOCK + tl.arange(0, BLOCK)
     dd = tl.arange(0, DSP)
     acc = tl.zeros((BLOCK, DSP), tl.float32)
-    n_cols = ib + 1 if CAUSAL else tl.cdiv(T, BLOCK)
-    for jb in range(0, n_cols):
-        cols = jb * BLOCK + tl.arange(0, BLOCK)
-        g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, scale_t,
-                       DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE)
-        x = tl.load(XS + seq * T * DS + cols[:, None] * DS + dd[None, :],
-                    mask=(cols[:, None] < T) & (dd[None, :] < DS), other=0.0)
-        acc += tl.dot(g, x.to(tl.float32), input_precision="ieee")
-    tl.store(DFS + seq * T * DS + rows[:, None] * DS + dd[None, :], acc,
-             mask=(rows[:, None] < T) & (dd[None, :] < DS))
-
-
-@triton.jit
-def _tr_bwd_cols_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, DXS, T, scale_s, scale_t,
-                        DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr,
-                        BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
-                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MSE: tl.constexpr):
-    jb = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    cols = jb * BLOCK + tl.arange(0, BLOCK)
-    dd = tl.arange(0, DSP)
-    acc = tl.zeros((BLOCK, DSP), tl.float32)
-    first_row_block = jb if CAUSAL else 0
-    for ib in range(first_row_block, tl.cdiv(T, BLOCK)):
-        rows = ib * BLOCK + tl.arange(0, BLOCK)
-        g_t = _grad_tile_t(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s,
-                           scale_t, DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE)
-        f = tl.load(FS + seq * T * DS + rows[:, None] * DS + dd[None, :],
-                    mask=(rows[:, None] < T) & (dd[None, :] < DS), other=0.0)
-        acc += tl.dot(g_t, f.to(tl.float32), input_precision="ieee")
-    tl.store(DXS + seq * T * DS + cols[:, None] * DS + dd[None, :], acc,
-             mask=(cols[:, None] < T) & (dd[None, :] < DS))
+    n_blocks = tl.cdiv(T, BLOCK)
+    first = own_block if (CAUSAL and COLS) else 0  # causal: only j ≤ i
+    last = own_block + 1 if (CAUSAL and not COLS) else n_blocks
+    for other_block in range(first, last):
+        other = other_block * BLOCK + tl.arange(0, BLOCK)
+        if COLS:  # own = columns j, other = rows i
+            g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, other, own, T, scale_s,
+                           scale_t, DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE, True)
+            y = tl.load(FS + seq * T * DS + other[:, None] * DS + dd[None, :],
+                        mask=(other[:, None] < T) & (dd[None, :] < DS), other=0.0)
+        else:
+            g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, own, other, T, scale_s,
+                           scale_t, DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE, False)
+            y = tl.load(XS + seq * T * DS + other[:, None] * DS + dd[None, :],
+                        mask=(other[:, None] < T) & (dd[None, :] < DS), other=0.0)
+        acc += tl.dot(g, y.to(tl.float32), input_precision="ieee")
+    tl.store(OUT + seq * T * DS + own[:, None] * DS + dd[None, :], acc,
+             mask=(own[:, None] < T) & (dd[None, :] < DS))
 
 
 def _tile_dtype(*xs):
@@ -291,10 +270,9 @@ def token_relation_bwd(grad_rows, fs, xs, ft, xt, mask, scale_s, scale_t, causal
         grid = (triton.cdiv(t, meta["BLOCK"]), seqs)
         args = (fs_, xs_, ft_, xt_, m, stats, grad)
         warps = _warps(fs, backward=True)
-        _tr_bwd_rows_kernel[grid](*args, dfs, t, float(scale_s), float(scale_t), DSP=dsp,
-                                  num_warps=warps, **meta)
-        _tr_bwd_cols_kernel[grid](*args, dxs, t, float(scale_s), float(scale_t), DSP=dsp,
-                                  num_warps=warps, **meta)
+        for out, cols in ((dfs, False), (dxs, True)):
+            _tr_bwd_kernel[grid](*args, out, t, float(scale_s), float(scale_t), DSP=dsp,
+                                 COLS=cols, num_warps=warps, **meta)
     if xs is None:  # the features are their own keys: both sides are their gradient
         return dfs.add_(dxs).to(fs.dtype), fs.new_empty((0,))
     return dfs.to(fs.dtype), dxs.to(xs.dtype)
