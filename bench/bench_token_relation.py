@@ -5,7 +5,8 @@ memory.
 CPU default (issue 5's target): fp32, batch 2, T=4096, d_s=384, d_t=768, backend cpu.
 GPU default: bf16, batch 8, R=12 relation heads, T=4096, d=64, backend triton.
 Override with KDK_TR_T (comma list of T), KDK_TR_LOSS (comma list of kl, mse), KDK_TR_IMPLS
-(comma list of ours, reference, compile)."""
+(comma list of ours, reference, compile), KDK_TR_KEYS=1 (separate student and teacher keys:
+the MiniLM form, which has no symmetric relation matrices)."""
 import os
 
 import pytest
@@ -26,6 +27,7 @@ IMPLS = [OURS if i == "ours" else i
          for i in os.environ.get("KDK_TR_IMPLS", "ours,reference,compile").split(",")]
 # (batch, R or None, d_s, d_t)
 SHAPE = (8, 12, 64, 64) if GPU else (2, None, 384, 768)
+KEYS = os.environ.get("KDK_TR_KEYS") == "1"
 
 
 def make(t):
@@ -34,11 +36,15 @@ def make(t):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     fs = torch.randn(*lead, t, ds, generator=g, device=DEVICE).to(DTYPE).requires_grad_()
     ft = torch.randn(*lead, t, dt, generator=g, device=DEVICE).to(DTYPE)
-    return fs, ft
+    if not KEYS:
+        return fs, ft, None, None
+    ks = torch.randn(*lead, t, ds, generator=g, device=DEVICE).to(DTYPE).requires_grad_()
+    kt = torch.randn(*lead, t, dt, generator=g, device=DEVICE).to(DTYPE)
+    return fs, ft, ks, kt
 
 
-def _reference_mean(fs, ft, loss):
-    return token_relation_loss_rows(fs, ft, loss=loss).mean()
+def _reference_mean(fs, ft, ks, kt, loss):
+    return token_relation_loss_rows(fs, ft, student_keys=ks, teacher_keys=kt, loss=loss).mean()
 
 
 _compiled = torch.compile(_reference_mean)
@@ -48,15 +54,18 @@ _compiled = torch.compile(_reference_mean)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_token_relation(benchmark, record, t, loss, impl):
-    fs, ft = make(t)
+    fs, ft, ks, kt = make(t)
 
     def run():
         if impl == "compile":
-            value = _compiled(fs, ft, loss)
+            value = _compiled(fs, ft, ks, kt, loss)
         else:
-            value = kdkernels.token_relation_loss(fs, ft, loss=loss, backend=impl)
+            value = kdkernels.token_relation_loss(fs, ft, student_keys=ks, teacher_keys=kt,
+                                                  loss=loss, backend=impl)
         value.backward()
         fs.grad = None
+        if ks is not None:
+            ks.grad = None
         if GPU:
             torch.cuda.synchronize()
 
@@ -70,7 +79,7 @@ def test_token_relation(benchmark, record, t, loss, impl):
     batch, heads, ds, dt = SHAPE
     names = {OURS: f"kdkernels-{OURS}", "reference": "reference (eager)",
              "compile": "torch.compile(reference)"}
-    info = dict(group=f"token_relation {loss} fwd+bwd  batch={batch} R={heads or 1} T={t} "
+    info = dict(group=f"token_relation {loss}{' keys' if KEYS else ''} fwd+bwd  batch={batch} R={heads or 1} T={t} "
                       f"d_s={ds} d_t={dt} {str(DTYPE)[6:]} {DEVICE}",
                 impl=names[impl], median_s=benchmark.stats.stats.median, peak=peak,
                 grad_bytes=fs.numel() * fs.element_size(), bytes=None)

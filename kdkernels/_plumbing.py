@@ -15,12 +15,17 @@ CUDA_BACKEND_VERIFIED = False
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def grad_dtype(input_dtype):
+def grad_dtype(input_dtype, per_row_scaling=False):
     """dtype in which the kernels write a gradient: the input's, but fp32 for fp16 inputs
     (backward scales it, then rounds once to fp16, as eager autograd does: rounded at the
-    loss' own scale, small gradients would underflow before a GradScaler's factor).
-    Same rule in csrc/cpu/divergence.h (grad_dtype)."""
-    return torch.float32 if input_dtype == torch.float16 else input_dtype
+    loss' own scale, small gradients would underflow before a GradScaler's factor), and fp32
+    for bf16 inputs when backward will scale each row by its own factor (reduction="none"),
+    so that they too are rounded once. Same rule in csrc/cpu/divergence.h and
+    csrc/cpu/dac_kl.cpp. (The divergence family does not pass per_row_scaling yet: its CUDA
+    kernels fix the gradient type at compile time; see README.)"""
+    if input_dtype == torch.float16 or (per_row_scaling and input_dtype == torch.bfloat16):
+        return torch.float32
+    return input_dtype
 
 
 # ----------------------------------------------------------------------------- checks
@@ -138,6 +143,13 @@ def row_weights(n_rows, kept, *, scale, reduction, num_items, device, dtype=torc
     if kept is None:
         return w / max(n_rows, 1)
     return w / kept.sum().clamp_min(1).to(dtype)
+
+
+def live_rows(x, kept):
+    """(..., V) → (N, V) for the reference backends, dropped rows replaced by zeros: they may
+    hold anything (all −inf, say), and the reference computes every row."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if kept is None else torch.where(kept[:, None], rows, 0.0)
 
 
 def as_rows(x):

@@ -80,11 +80,7 @@ def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_
         lo = torch.where(kept, lo, 0.0)
         hi = torch.where(kept, hi, 1.0)
     if backend == "reference":
-        s = student_logits.reshape(n_rows, -1)
-        t = teacher_logits.reshape(n_rows, -1)
-        if kept is not None:
-            s = torch.where(kept[:, None], s, 0.0)
-            t = torch.where(kept[:, None], t, 0.0)
+        s, t = P.live_rows(student_logits, kept), P.live_rows(teacher_logits, kept)
         loss = ref.dac_kl_rows(s, t, lo, hi, temperature=temperature) * weight
         loss = loss.sum() if reduction != "none" else loss
     else:

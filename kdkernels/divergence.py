@@ -75,11 +75,7 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
 
 
 def _reference(student, teacher, weight, kept, **kw):
-    s = student.reshape(-1, student.shape[-1])
-    t = teacher.reshape(-1, teacher.shape[-1])
-    if kept is not None:  # dropped rows may hold anything (all −inf, say): never compute them
-        s = torch.where(kept[:, None], s, 0.0)
-        t = torch.where(kept[:, None], t, 0.0)
+    s, t = P.live_rows(student, kept), P.live_rows(teacher, kept)
     return ref.divergence_rows(s, t, **kw) * weight
 
 

@@ -86,10 +86,11 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
                             temperature, teacher_temperature, similarity, loss, causal, mask)
     if reduction == "none":
         return rows
-    if reduction == "sum":
-        return rows.sum()
-    kept = rows.numel() if mask is None else mask.sum() * (rows.shape[1] if rows.dim() == 3 else 1)
-    return rows.sum() / (kept.clamp_min(1) if isinstance(kept, torch.Tensor) else max(kept, 1))
+    # padded rows are 0 already; the mean counts kept rows (of every head) like every family
+    kept = None if mask is None else (mask[:, None] if rows.dim() == 3 else mask).expand(rows.shape).reshape(-1)
+    weight = P.row_weights(rows.numel(), kept, scale=1.0, reduction=reduction, num_items=None,
+                           device=rows.device, dtype=rows.dtype)
+    return (rows.reshape(-1) * weight).sum()
 
 
 def _kernel_rows(backend, fs, ft, ks, kt, temperature, teacher_temperature, similarity, loss,

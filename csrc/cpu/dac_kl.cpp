@@ -227,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dac_kl_fwd_cpu(
   const at::Tensor w = row_weight.to(at::kFloat).contiguous();
   TORCH_CHECK(lo.numel() == n && hi.numel() == n && w.numel() == n,
               "kdkernels.dac_kl: lower, upper and row_weight need one value per row");
-  // fp16 gradients in fp32 (as in the divergence family); so are bf16 ones when backward
-  // scales rows by different factors (reduce false), so that they are rounded once.
+  // kdkernels._plumbing.grad_dtype(dtype, per_row_scaling=!reduce): fp16 gradients in fp32;
+  // so are bf16 ones when backward scales rows by different factors, to be rounded once.
   const bool wide = student.scalar_type() == at::kHalf ||
                     (student.scalar_type() == at::kBFloat16 && !reduce);
   const auto gdtype = wide ? at::kFloat : student.scalar_type();

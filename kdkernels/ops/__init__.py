@@ -6,7 +6,15 @@ defined here as opaque custom ops, so torch.compile sees one node per call."""
 from . import dac_kl, divergence, mixing_matrix, token_relation
 
 
+_native_registered = []
+
+
 def register_native():
+    """Once, after the extension has loaded: each family's Python-side registrations of its
+    C++ ops."""
+    if _native_registered:
+        return
+    _native_registered.append(True)
     divergence.register_native()
     dac_kl.register_native()
     mixing_matrix.register_native()

@@ -5,7 +5,7 @@
                           grad_student, grad_bounds)
         -> loss          Σ_i w_i·L_i (shape ()) if reduce, else w_i·L_i per row (N,), float32
            grad_student  w_i·dL_i/ds_i = w_i·(q − p̃)/T, (N, V) in the student's dtype (fp32 for
-                         fp16, and for bf16 when not reduce: student_grad_dtype), or empty
+                         fp16, and for bf16 when not reduce: _plumbing.grad_dtype), or empty
            grad_bounds   (2, N) float32: w_i·dL_i/dl_i and w_i·dL_i/du_i (zeros if not asked)
 student, teacher: (N, V) rows (any row stride, unit column stride); lower, upper: (N,) bounds;
 row_weight (N,) carries T², masks and the mean's 1/denominator (0: the row is never read).
@@ -18,14 +18,6 @@ from .._plumbing import grad_dtype
 from ._register import register_fake_and_autograd
 from .divergence import _scale, keep_for_hand_over, take_handed_over
 
-def student_grad_dtype(dtype, reduce):
-    """fp16 gradients are made in fp32 (as in the divergence family), and so are bf16 ones
-    when backward scales each row by its own factor (reduce false): rounded once, at the end."""
-    if dtype == torch.bfloat16 and not reduce:
-        return torch.float32
-    return grad_dtype(dtype)
-
-
 SCHEMA_ARGS = ("student", "teacher", "lower", "upper", "row_weight", "temperature", "reduce",
                "grad_student", "grad_bounds")
 
@@ -35,7 +27,7 @@ def _fake(student, teacher, lower, upper, row_weight, temperature, reduce, grad_
     n = student.shape[0]
     loss = row_weight.new_empty(() if reduce else (n,), dtype=torch.float32)
     gs = student.new_empty(student.shape if grad_student else (0,),
-                           dtype=student_grad_dtype(student.dtype, reduce))
+                           dtype=grad_dtype(student.dtype, per_row_scaling=not reduce))
     return loss, gs, row_weight.new_empty((2, n), dtype=torch.float32)
 
 
@@ -68,12 +60,7 @@ def dac_kl_fwd_triton(student: Tensor, teacher: Tensor, lower: Tensor, upper: Te
 
 register_fake_and_autograd("dac_kl_fwd_triton", _fake, _backward, _setup_context)
 
-_registered = []
-
 
 def register_native():
-    """Python-side registrations of the C++ op (after the extension has loaded)."""
-    if _registered:
-        return
+    """Python-side registrations of the C++ op (ops.register_native runs this once)."""
     register_fake_and_autograd("dac_kl_fwd", _fake, _backward, _setup_context)
-    _registered.append(True)

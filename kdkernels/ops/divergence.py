@@ -123,14 +123,9 @@ torch.library.register_fake("kdkernels::divergence_fwd_triton", _fake)
 torch.library.register_autograd("kdkernels::divergence_fwd_triton", _backward,
                                 setup_context=_setup_context)
 
-_native_registered = []
-
 
 def register_native():
-    """Python-side registrations of the C++ op (after the extension has loaded)."""
-    if _native_registered:
-        return
+    """Python-side registrations of the C++ op (ops.register_native runs this once)."""
     torch.library.register_fake("kdkernels::divergence_fwd", _fake)
     torch.library.register_autograd("kdkernels::divergence_fwd", _backward,
                                     setup_context=_setup_context)
-    _native_registered.append(True)

@@ -70,13 +70,8 @@ def mixing_matrix_bwd_triton(grad_loss: Tensor, q: Tensor, k: Tensor, C: Tensor,
 register_pair("mixing_matrix_fwd_triton", "mixing_matrix_bwd_triton", _fake_fwd, _fake_bwd,
               _backward_with, _setup_context)
 
-_registered = []
-
 
 def register_native():
-    """Python-side registrations of the C++ ops (after the extension has loaded)."""
-    if _registered:
-        return
+    """Python-side registrations of the C++ ops (ops.register_native runs this once)."""
     register_pair("mixing_matrix_fwd", "mixing_matrix_bwd", _fake_fwd, _fake_bwd, _backward_with,
                   _setup_context)
-    _registered.append(True)

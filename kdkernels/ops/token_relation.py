@@ -74,13 +74,8 @@ def token_relation_bwd_triton(grad_rows: Tensor, fs: Tensor, xs: Optional[Tensor
 register_pair("token_relation_fwd_triton", "token_relation_bwd_triton", _fake_fwd, _fake_bwd,
               _backward_with, _setup_context)
 
-_registered = []
-
 
 def register_native():
-    """Python-side registrations of the C++ ops (after the extension has loaded)."""
-    if _registered:
-        return
+    """Python-side registrations of the C++ ops (ops.register_native runs this once)."""
     register_pair("token_relation_fwd", "token_relation_bwd", _fake_fwd, _fake_bwd, _backward_with,
                   _setup_context)
-    _registered.append(True)

@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._plumbing import triton_interpreted
-from ..ops.dac_kl import student_grad_dtype
+from .._plumbing import grad_dtype, triton_interpreted
 
 
 @triton.jit
@@ -165,7 +164,7 @@ def dac_kl_fwd(student, teacher, lower, upper, row_weight, temperature, reduce, 
     """Launcher behind kdkernels::dac_kl_fwd_triton (see kdkernels/ops/dac_kl.py)."""
     n, v = student.shape
     gs = torch.empty((n, v) if grad_student else (0,), device=student.device,
-                     dtype=student_grad_dtype(student.dtype, reduce))
+                     dtype=grad_dtype(student.dtype, per_row_scaling=not reduce))
     rows = torch.zeros(n, device=student.device, dtype=torch.float32)
     gb = torch.zeros(2, n, device=student.device, dtype=torch.float32)
     if n and v:
