@@ -2,12 +2,23 @@
 imported), and the run's header says which kdkernels and which backends are being tested."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kdkernels  # noqa: E402
+from helpers import CUDA_STREAMING  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cuda_streaming_kernel(request, monkeypatch):
+    """Cases with the id `cuda-streaming` run the CUDA backend with its streaming kernel only
+    (csrc/cuda/divergence_glue.cpp's knob), where the others get the cluster kernel on sm_90+."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and CUDA_STREAMING in callspec.id:
+        monkeypatch.setenv("KDKERNELS_CUDA_SMEM_ROW_BUDGET", "-1")
 
 
 def pytest_report_header(config):

@@ -1,9 +1,12 @@
 """The CUDA kernels' logic, run on the CPU: csrc/cuda/divergence.cu compiled with g++ through
 python_tests/cuda_emulation/ (each CUDA thread a std::thread, __syncthreads a barrier, warp
-shuffles through shared memory), compared with the float64 reference exactly as every
-backend is in test_divergence.py. This covers indexing, the three sweeps, the block
-reductions, the vector and scalar paths, masks, TAID, swap and dtypes; not GPU timing, the
-memory model, or the real compiler (those need a GPU: bench/gpu_check.sh)."""
+shuffles through shared memory, the blocks of a cluster concurrent with their own shared
+memory), compared with the float64 reference exactly as every backend is in
+test_divergence.py. Both kernels run every case: the streaming one and the cluster one (with
+one rank, and with small shared-memory budgets that split rows over 2 to 16 ranks). This
+covers indexing, the three sweeps, the block and cluster reductions, the vector and scalar
+paths, masks, TAID, swap and dtypes; not GPU timing, the memory model, or the real compiler
+(those need a GPU: bench/gpu_check.sh)."""
 import os
 
 import pytest
@@ -44,11 +47,19 @@ def reference_outputs(s, t, w, kind, params, temperature, taid, dtype):
     return rows.detach(), s.grad, zeros if t.grad is None else t.grad
 
 
-def compare(emulated, s, t, w, kind, params, temperature=2.0, taid=1.0, grads=(True, True)):
+# The launcher's smem_row_budget (bytes of a row one block keeps in shared memory) for each
+# kernel: the streaming kernel; the cluster kernel with the default (rows here fit one rank);
+# and a budget that splits rows of ~1000 logits over 2 to 4 ranks, the last one partial.
+KERNELS = {"streaming": -1, "cluster-1": 0, "cluster-n": 2048}
+
+
+def compare(emulated, s, t, w, kind, params, temperature=2.0, taid=1.0, grads=(True, True),
+            kernel="streaming"):
     """The emulated CUDA kernels against the float64 reference, with the tolerance of every
     backend in test_divergence.py (helpers.assert_matches)."""
     mode, swap, mix = kernel_args(kind, params.get("beta", 0.5), params.get("skew", 0.1))
-    got = emulated.divergence_fwd(s, t, w, mode, swap, mix, temperature, taid, *grads)
+    budget = KERNELS[kernel] if isinstance(kernel, str) else kernel
+    got = emulated.divergence_fwd(s, t, w, mode, swap, mix, temperature, taid, *grads, budget)
     r64 = reference_outputs(s, t, w, kind, params, temperature, taid, torch.float64)
     r32 = reference_outputs(s, t, w, kind, params, temperature, taid, torch.float32)
     assert_matches(got[0], r64[0], r32[0], torch.float32, "loss rows")
@@ -76,17 +87,19 @@ def make_rows(layout, dtypes, n=5):
     return s[:, :v].contiguous(), t[:, :v].contiguous()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
 @pytest.mark.parametrize("kind,params", KIND_SPECS, ids=SPEC_IDS)
-def test_emulated_cuda_matches_cpu(emulated, kind, params, dtypes, layout):
+def test_emulated_cuda_matches_cpu(emulated, kind, params, dtypes, layout, kernel):
     s, t = make_rows(layout, dtypes)
     w = torch.tensor([0.25, 0.0, 0.5, 1.0, 2.0])  # row 1 dropped
-    compare(emulated, s, t, w, kind, params)
+    compare(emulated, s, t, w, kind, params, kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", kdkernels.KINDS)
-def test_emulated_cuda_taid_masks_and_grad_choices(emulated, kind):
+def test_emulated_cuda_taid_masks_and_grad_choices(emulated, kind, kernel):
     s = logits((4, 777), torch.float32, "cpu", seed=52)
     t = logits((4, 777), torch.float32, "cpu", seed=53)
     s[:, 700:] = t[:, 700:] = float("-inf")  # a masked vocabulary
@@ -94,7 +107,8 @@ def test_emulated_cuda_taid_masks_and_grad_choices(emulated, kind):
     w = torch.full((4,), 0.25)
     for taid in (1.0, 0.0, 0.4):
         for grads in ((True, False), (False, True), (False, False), (True, True)):
-            compare(emulated, s, t, w, kind, {}, temperature=0.5, taid=taid, grads=grads)
+            compare(emulated, s, t, w, kind, {}, temperature=0.5, taid=taid, grads=grads,
+                    kernel=kernel)
 
 
 @pytest.mark.parametrize("rows,vocab", [(2, 1), (11, 2), (11, 31), (19, 512), (9, 513),
@@ -107,4 +121,18 @@ def test_emulated_cuda_vocab_sizes(emulated, rows, vocab):
     w = torch.rand(rows, generator=torch.Generator().manual_seed(56))
     w[::3] = 0.0
     for kind in ("fkl", "rkl", "jsd", "tvd"):
-        compare(emulated, s, t, w, kind, {"beta": 0.3})
+        for kernel in KERNELS:
+            compare(emulated, s, t, w, kind, {"beta": 0.3}, kernel=kernel)
+
+
+@pytest.mark.parametrize("vocab,budget,ranks", [(1000, 256, 16), (600, 128, 16), (4096, 4096, 4),
+                                                (8000, 0, 1)])
+def test_emulated_cuda_cluster_splits(emulated, vocab, budget, ranks):
+    """The cluster kernel's plans at their edges: 16 ranks (the most), ranks whose slices lie
+    wholly past V (600 logits over 16 slices of 48), and a budget just fitting 4 ranks."""
+    assert emulated.cluster_ranks(vocab, 2, 2, 8, 1, budget) == ranks
+    s = logits((3, vocab), torch.bfloat16, "cpu", seed=57)
+    t = logits((3, vocab), torch.bfloat16, "cpu", seed=58)
+    w = torch.tensor([1.0, 0.0, 0.5])
+    for kind in ("fkl", "jsd"):
+        compare(emulated, s, t, w, kind, {"beta": 0.3}, kernel=budget)

@@ -1,15 +1,22 @@
-// Divergence family, CUDA kernels: one block per row, three sweeps over it (the structure and
+// Divergence family, CUDA kernels. Both kernels make three sweeps over a row (the structure and
 // the math of kdkernels/triton_kernels/divergence.py, whose header explains U_P, U_Q and c):
-//   sweep 1  per-thread online max / sum-exp of both rows, then a block reduction → log-sum-exps
-//   sweep 2  per-element terms: the loss, ΣU_P, ΣU_Q (block-reduced); KL with only the Q side
+//   sweep 1  per-thread online max / sum-exp of both rows, then a reduction → log-sum-exps
+//   sweep 2  per-element terms: the loss, ΣU_P, ΣU_Q (reduced); KL with only the Q side
 //            wanted writes g_Q = Q − P here and stops
 //   sweep 3  g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q) in the gradient dtype
-// The row is read from HBM in sweep 1 and mostly from L2 after. Loads are 16-byte vectors
-// (VEC elements) when the host found every row aligned, else scalar. Short rows (at most 64
-// vectors) go one warp per row, 8 rows per block, with warp-only reductions. fp32 math throughout;
-// every x·log-ratio is 0 where x == 0, so −inf logits and underflow never give NaN.
+// Where the row lives between sweeps is what the two kernels differ in:
+//   cluster kernel (sm_90+)  a thread-block cluster holds the row in its blocks' shared memory,
+//            so HBM sees each logit once: the bytes the math must move (read both rows, write
+//            the gradients). Rows up to 16 · 100 KiB of logits (V = 262144 in fp32).
+//   streaming kernel (any GPU; the fallback)  one block per row, or one warp per row for
+//            short rows (at most 64 vectors, 8 rows per block); sweeps 2 and 3 re-read the row
+//            from global memory, which is L2 only while all resident rows fit there.
+// Loads are 16-byte vectors (VEC elements) when the host found every row aligned, else
+// scalar. fp32 math throughout; every x·log-ratio is 0 where x == 0, so −inf logits and
+// underflow never give NaN.
 #include <cmath>
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -48,6 +55,57 @@ __device__ __forceinline__ float log_mix(float log_w, float log_1mw, float lx, f
   const float u = lx + log_w, v = ly + log_1mw;
   const float hi = fmaxf(u, v), lo = fminf(u, v);
   return hi == kNegInf ? kNegInf : hi + log1pf(expf(lo - hi));
+}
+
+// How the cluster kernel splits a row: `ranks` blocks of `threads` threads, each holding
+// `slice` logits of both inputs (a multiple of 16) in `smem_bytes` of shared memory.
+struct ClusterPlan {
+  int ranks = 0;  // 0: no plan (the streaming kernel)
+  int threads = 0;
+  int64_t slice = 0;
+  size_t smem_bytes = 0;
+  bool operator==(const ClusterPlan& o) const {
+    return ranks == o.ranks && threads == o.threads && slice == o.slice && smem_bytes == o.smem_bytes;
+  }
+};
+
+// Default bytes of logits (both slices) per block: two blocks per SM on an H100/H200 (228 KiB).
+constexpr int64_t kDefaultSmemRowBudget = 96 * 1024;
+constexpr int64_t kMaxSmemRowSlice = 200 * 1024;  // one block per SM, at 16 ranks
+constexpr int kMaxRanks = 16;                     // 8 is portable; 16 where the GPU allows it
+
+struct ClusterSmem {  // after the two logit slices in dynamic shared memory
+  float scratch[64];  // block reductions
+  float part[8];      // this block's partials, read by the other ranks
+  float total[8];     // the cluster's totals, for the whole block
+};
+
+// Bytes of dynamic shared memory of a cluster block holding `slice` logits of each input.
+__host__ __device__ inline size_t cluster_smem_bytes(int64_t slice, size_t student_elem,
+                                                     size_t teacher_elem) {
+  return (slice * student_elem + 15) / 16 * 16 + (slice * teacher_elem + 15) / 16 * 16 +
+         sizeof(ClusterSmem);
+}
+
+// The fewest ranks (a power of two) whose slices fit `budget` (0: the default; < 0: never).
+ClusterPlan plan_cluster(int64_t V, size_t student_elem, size_t teacher_elem, int vec,
+                         int64_t n_rows, int64_t budget) {
+  if (budget < 0) return {};
+  if (budget == 0) budget = kDefaultSmemRowBudget;
+  for (int ranks = 1; ranks <= kMaxRanks; ranks *= 2) {
+    const int64_t slice = ((V + ranks - 1) / ranks + 15) / 16 * 16;
+    const int64_t bytes = slice * static_cast<int64_t>(student_elem + teacher_elem);
+    if (bytes > budget && !(ranks == kMaxRanks && bytes <= kMaxSmemRowSlice)) continue;
+    if (n_rows * ranks > 0x7fffffff) return {};
+    ClusterPlan plan;
+    plan.ranks = ranks;
+    plan.slice = slice;
+    const int64_t vectors = slice / vec;
+    plan.threads = vectors >= 4096 ? 512 : vectors >= 1024 ? 256 : 128;
+    plan.smem_bytes = cluster_smem_bytes(slice, student_elem, teacher_elem);
+    return plan;
+  }
+  return {};
 }
 
 struct RowStats {
@@ -176,53 +234,29 @@ __device__ __forceinline__ void store_vec(G* row, int64_t j0, int64_t V, const f
   }
 }
 
-// ---------------------------------------------------------------- the kernel
-// kWarpRows: one warp per row (blockDim.x / 32 rows per block), else one block per row.
-template <int kMode, int VEC, typename TS, typename TT, bool kWarpRows>
-__global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceArgs a) {
-  using GS = typename GradOf<TS>::type;
-  using GT = typename GradOf<TT>::type;
-  __shared__ float smem[64];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = kWarpRows ? static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp
-                                : static_cast<int64_t>(blockIdx.x);
-  if (kWarpRows && row >= a.n_rows) return;  // the last block's spare warps
-  const int64_t V = a.vocab;
-  const int64_t step = static_cast<int64_t>(kWarpRows ? 32 : blockDim.x) * VEC;
-  const int64_t first = static_cast<int64_t>(kWarpRows ? lane : threadIdx.x) * VEC;
-  auto row_lse = [&](float& m, float& z) {
-    if (kWarpRows) warp_lse(m, z);
-    else block_lse(m, z, smem);
-  };
-  auto row_sum = [&](float v) { return kWarpRows ? warp_sum(v) : block_sum(v, smem); };
-  GS* gs = a.grad_student ? static_cast<GS*>(a.grad_student) + row * V : nullptr;
-  GT* gt = a.grad_teacher ? static_cast<GT*>(a.grad_teacher) + row * V : nullptr;
+// ---------------------------------------------------------------- the three sweeps
+// One row, or one cluster rank's slice of it: s_row / t_row point at the slice's first logits
+// (global or shared memory), n is its length, gs / gt its gradient (nullptr: not wanted); this
+// thread takes vectors first, first + step, ...  Reduce holds the merges over everything that
+// holds the row: lse(m_x, z_x, m_y, z_y) and sums(loss, ΣU_P, ΣU_Q), every thread getting the
+// totals. Returns the row's w·L (every thread).
+template <int kMode, int VEC, typename TS, typename TT, typename GS, typename GT, class Reduce>
+__device__ __forceinline__ float row_sweeps(const DivergenceArgs& a, float w, const TS* s_row,
+                                            const TT* t_row, int64_t n, GS* gs, GT* gt,
+                                            int64_t first, int64_t step, Reduce& reduce) {
   const bool need_p = a.swap ? gs != nullptr : gt != nullptr;
   const bool need_q = a.swap ? gt != nullptr : gs != nullptr;
   // P-side gradient → student if swap, else teacher (and the other way round for Q).
   auto store_side = [&](bool p_side, int64_t j0, const float (&g)[VEC]) {
-    if (p_side == a.swap) store_vec<VEC>(gs, j0, V, g);
-    else store_vec<VEC>(gt, j0, V, g);
+    if (p_side == a.swap) store_vec<VEC>(gs, j0, n, g);
+    else store_vec<VEC>(gt, j0, n, g);
   };
-
-  const float w = a.row_weight[row];
-  if (w == 0.f) {  // dropped row: never read, zero gradient
-    float zero[VEC] = {};
-    for (int64_t j0 = first; j0 < V; j0 += step) {
-      if (gs) store_vec<VEC>(gs, j0, V, zero);
-      if (gt) store_vec<VEC>(gt, j0, V, zero);
-    }
-    if (first == 0) a.loss_rows[row] = 0.f;
-    return;
-  }
-  const TS* s_row = static_cast<const TS*>(a.student) + row * a.student_stride;
-  const TT* t_row = static_cast<const TT*>(a.teacher) + row * a.teacher_stride;
   float x[VEC], y[VEC];
 
   // sweep 1: log-sum-exps
   float m_x = kNegInf, z_x = 0.f, m_y = kNegInf, z_y = 0.f;
-  for (int64_t j0 = first; j0 < V; j0 += step) {
-    load_xy<VEC>(s_row, t_row, j0, V, a, x, y);
+  for (int64_t j0 = first; j0 < n; j0 += step) {
+    load_xy<VEC>(s_row, t_row, j0, n, a, x, y);
     float bx = kNegInf, by = kNegInf;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -238,8 +272,7 @@ __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceAr
     lse_merge(m_x, z_x, bx, zx);
     lse_merge(m_y, z_y, by, zy);
   }
-  row_lse(m_x, z_x);
-  row_lse(m_y, z_y);
+  reduce.lse(m_x, z_x, m_y, z_y);
   RowStats st;
   st.lse_x = m_x + logf(z_x);
   st.lse_y = m_y + logf(z_y);
@@ -254,8 +287,8 @@ __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceAr
 
   // sweep 2: the loss and ΣU
   float loss = 0.f, sum_up = 0.f, sum_uq = 0.f;
-  for (int64_t j0 = first; j0 < V; j0 += step) {
-    load_xy<VEC>(s_row, t_row, j0, V, a, x, y);
+  for (int64_t j0 = first; j0 < n; j0 += step) {
+    load_xy<VEC>(s_row, t_row, j0, n, a, x, y);
     float g[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -267,16 +300,13 @@ __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceAr
     }
     if (fused_q) store_side(false, j0, g);
   }
-  loss = row_sum(loss);
-  sum_up = row_sum(sum_up);
-  sum_uq = row_sum(sum_uq);
-  if (first == 0) a.loss_rows[row] = w * loss;
-  if (fused_q || !(need_p || need_q)) return;
+  reduce.sums(loss, sum_up, sum_uq);
+  if (fused_q || !(need_p || need_q)) return w * loss;
 
   // sweep 3: gradients
   const float cp = a.c_p * p_factor, cq = a.c_q * q_factor;
-  for (int64_t j0 = first; j0 < V; j0 += step) {
-    load_xy<VEC>(s_row, t_row, j0, V, a, x, y);
+  for (int64_t j0 = first; j0 < n; j0 += step) {
+    load_xy<VEC>(s_row, t_row, j0, n, a, x, y);
     float gp[VEC], gq[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -287,6 +317,190 @@ __global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceAr
     if (need_p) store_side(true, j0, gp);
     if (need_q) store_side(false, j0, gq);
   }
+  return w * loss;
+}
+
+// A dropped row (w = 0) is never read: zero gradient over the slice.
+template <int VEC, typename GS, typename GT>
+__device__ __forceinline__ void zero_slice(GS* gs, GT* gt, int64_t n, int64_t first, int64_t step) {
+  const float zero[VEC] = {};
+  for (int64_t j0 = first; j0 < n; j0 += step) {
+    if (gs) store_vec<VEC>(gs, j0, n, zero);
+    if (gt) store_vec<VEC>(gt, j0, n, zero);
+  }
+}
+
+// ---------------------------------------------------------------- the streaming kernel
+// The row is read from global memory in every sweep (from HBM in sweep 1, from L2 after, as far
+// as L2 holds it). kWarpRows: one warp per row (blockDim.x / 32 rows per block), else one block
+// per row. Any GPU; the fallback where the cluster kernel below cannot run.
+template <bool kWarpRows>
+struct StreamingReduce {
+  float* smem;
+  __device__ void lse(float& m_x, float& z_x, float& m_y, float& z_y) {
+    if (kWarpRows) {
+      warp_lse(m_x, z_x);
+      warp_lse(m_y, z_y);
+    } else {
+      block_lse(m_x, z_x, smem);
+      block_lse(m_y, z_y, smem);
+    }
+  }
+  __device__ void sums(float& a, float& b, float& c) {
+    if (kWarpRows) {
+      a = warp_sum(a), b = warp_sum(b), c = warp_sum(c);
+    } else {
+      a = block_sum(a, smem), b = block_sum(b, smem), c = block_sum(c, smem);
+    }
+  }
+};
+
+template <int kMode, int VEC, typename TS, typename TT, bool kWarpRows>
+__global__ void __launch_bounds__(1024) divergence_fwd_kernel(const DivergenceArgs a) {
+  using GS = typename GradOf<TS>::type;
+  using GT = typename GradOf<TT>::type;
+  __shared__ float smem[64];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = kWarpRows ? static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp
+                                : static_cast<int64_t>(blockIdx.x);
+  if (kWarpRows && row >= a.n_rows) return;  // the last block's spare warps
+  const int64_t V = a.vocab;
+  const int64_t step = static_cast<int64_t>(kWarpRows ? 32 : blockDim.x) * VEC;
+  const int64_t first = static_cast<int64_t>(kWarpRows ? lane : threadIdx.x) * VEC;
+  GS* gs = a.grad_student ? static_cast<GS*>(a.grad_student) + row * V : nullptr;
+  GT* gt = a.grad_teacher ? static_cast<GT*>(a.grad_teacher) + row * V : nullptr;
+  const float w = a.row_weight[row];
+  float loss = 0.f;
+  if (w == 0.f) {
+    zero_slice<VEC>(gs, gt, V, first, step);
+  } else {
+    StreamingReduce<kWarpRows> reduce{smem};
+    loss = row_sweeps<kMode, VEC>(a, w, static_cast<const TS*>(a.student) + row * a.student_stride,
+                                  static_cast<const TT*>(a.teacher) + row * a.teacher_stride, V,
+                                  gs, gt, first, step, reduce);
+  }
+  if (first == 0) a.loss_rows[row] = loss;
+}
+
+// ---------------------------------------------------------------- the cluster kernel (sm_90+)
+// Each row is read from HBM once: a thread-block cluster of R blocks holds it, rank r keeping
+// logits [r·slice, (r+1)·slice) of both inputs in its shared memory for the three sweeps, and
+// the ranks merge their per-block statistics through distributed shared memory (each rank's
+// warp 0 merges all ranks' partials in the same order, so every rank gets the same bits).
+// Each thread copies its own vectors and reads back only those, so the copy needs no barrier.
+#if defined(KDKERNELS_CUDA_EMULATION) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define KDK_HAS_CLUSTERS 1
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef KDKERNELS_CUDA_EMULATION
+  return kdk_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char kdk_dynamic_smem[];
+  return kdk_dynamic_smem;
+#endif
+}
+
+template <class Cluster>
+struct ClusterReduce {
+  Cluster& cluster;
+  ClusterSmem* sm;
+  // Block totals → part[base..base+k); cluster barrier; warp 0 merges rank by rank (lane r
+  // reads rank r) → total[base..]; block barrier.
+  template <int K, class Merge>
+  __device__ void exchange(float (&v)[K], int base, Merge merge) {
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < K; ++k) sm->part[base + k] = v[k];
+    }
+    cluster.sync();  // every rank's partials written (and visible)
+    if (threadIdx.x < 32) {
+      const unsigned lane = threadIdx.x;
+      float mine[K];
+      for (int k = 0; k < K; ++k) mine[k] = merge.identity(k);
+      if (lane < cluster.num_blocks()) {
+        const float* other = cluster.map_shared_rank(sm->part, lane);
+        for (int k = 0; k < K; ++k) mine[k] = other[base + k];
+      }
+      merge.warp(mine);
+      if (lane == 0) {
+        for (int k = 0; k < K; ++k) sm->total[base + k] = mine[k];
+      }
+    }
+    __syncthreads();
+    for (int k = 0; k < K; ++k) v[k] = sm->total[base + k];
+  }
+  struct LseMerge {
+    __device__ float identity(int k) const { return k % 2 == 0 ? kNegInf : 0.f; }
+    __device__ void warp(float (&v)[4]) const {
+      warp_lse(v[0], v[1]);
+      warp_lse(v[2], v[3]);
+    }
+  };
+  struct SumMerge {
+    __device__ float identity(int) const { return 0.f; }
+    __device__ void warp(float (&v)[3]) const {
+      for (float& x : v) x = warp_sum(x);
+    }
+  };
+  __device__ void lse(float& m_x, float& z_x, float& m_y, float& z_y) {
+    block_lse(m_x, z_x, sm->scratch);
+    block_lse(m_y, z_y, sm->scratch);
+    float v[4] = {m_x, z_x, m_y, z_y};
+    exchange(v, 0, LseMerge{});
+    m_x = v[0], z_x = v[1], m_y = v[2], z_y = v[3];
+  }
+  __device__ void sums(float& a, float& b, float& c) {
+    a = block_sum(a, sm->scratch), b = block_sum(b, sm->scratch), c = block_sum(c, sm->scratch);
+    float v[3] = {a, b, c};
+    exchange(v, 4, SumMerge{});
+    a = v[0], b = v[1], c = v[2];
+  }
+};
+#endif
+
+// Grid: n_rows · R blocks in clusters of R (R = gridDim.x / n_rows, set at launch).
+template <int kMode, int VEC, typename TS, typename TT>
+__global__ void __launch_bounds__(512) divergence_fwd_cluster_kernel(const DivergenceArgs a,
+                                                                     int64_t slice) {
+#ifndef KDK_HAS_CLUSTERS
+  __trap();  // never launched: the host launches it only where the binary is sm_90+
+#else
+  using GS = typename GradOf<TS>::type;
+  using GT = typename GradOf<TT>::type;
+  auto cluster = cooperative_groups::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  const int64_t row = blockIdx.x / cluster.num_blocks();
+  const int64_t V = a.vocab, begin = rank * slice;
+  const int64_t n = begin < V ? (V - begin < slice ? V - begin : slice) : 0;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC, first = threadIdx.x * VEC;
+  GS* gs = a.grad_student ? static_cast<GS*>(a.grad_student) + row * V + begin : nullptr;
+  GT* gt = a.grad_teacher ? static_cast<GT*>(a.grad_teacher) + row * V + begin : nullptr;
+  const float w = a.row_weight[row];
+  if (w == 0.f) {  // the whole cluster leaves here: no rank reads another's memory
+    zero_slice<VEC>(gs, gt, n, first, step);
+    if (rank == 0 && threadIdx.x == 0) a.loss_rows[row] = 0.f;
+    return;
+  }
+  unsigned char* smem = dynamic_smem();
+  TS* s_sm = reinterpret_cast<TS*>(smem);
+  TT* t_sm = reinterpret_cast<TT*>(smem + (slice * sizeof(TS) + 15) / 16 * 16);
+  auto* sm = reinterpret_cast<ClusterSmem*>(smem + cluster_smem_bytes(slice, sizeof(TS), sizeof(TT)) -
+                                            sizeof(ClusterSmem));
+  // The copy: every load of this thread issued before any use (unrolled; independent).
+  const TS* s_row = static_cast<const TS*>(a.student) + row * a.student_stride + begin;
+  const TT* t_row = static_cast<const TT*>(a.teacher) + row * a.teacher_stride + begin;
+#pragma unroll 4
+  for (int64_t j0 = first; j0 < n; j0 += step) {
+    if (j0 + VEC <= n) {
+      *reinterpret_cast<Pack<TS, VEC>*>(s_sm + j0) = *reinterpret_cast<const Pack<TS, VEC>*>(s_row + j0);
+      *reinterpret_cast<Pack<TT, VEC>*>(t_sm + j0) = *reinterpret_cast<const Pack<TT, VEC>*>(t_row + j0);
+    } else {
+      for (int64_t j = j0; j < n; ++j) s_sm[j] = s_row[j], t_sm[j] = t_row[j];
+    }
+  }
+  ClusterReduce<decltype(cluster)> reduce{cluster, sm};
+  const float loss = row_sweeps<kMode, VEC>(a, w, s_sm, t_sm, n, gs, gt, first, step, reduce);
+  if (rank == 0 && threadIdx.x == 0) a.loss_rows[row] = loss;
+  cluster.sync();  // no block leaves while another rank may still read its partials
+#endif
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -297,12 +511,12 @@ bool aligned(const void* p, int64_t stride_elems, size_t elem, int vec) {
 }
 
 template <int kMode, typename TS, typename TT, bool kWarpRows>
-cudaError_t launch_kernel(const DivergenceArgs& a, bool vec_ok, dim3 grid, int threads,
-                          cudaStream_t stream) {
+cudaError_t launch_streaming(const DivergenceArgs& a, bool vec_ok, dim3 grid, int threads,
+                             cudaStream_t stream) {
   constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
 #ifdef KDKERNELS_CUDA_EMULATION  // the CPU emulation that tests the kernels' logic (python_tests)
-  if (vec_ok) kdk_emulate_launch(divergence_fwd_kernel<kMode, kVec, TS, TT, kWarpRows>, grid, threads, a);
-  else kdk_emulate_launch(divergence_fwd_kernel<kMode, 1, TS, TT, kWarpRows>, grid, threads, a);
+  if (vec_ok) kdk_emulate_launch(divergence_fwd_kernel<kMode, kVec, TS, TT, kWarpRows>, grid, threads, 1, 0, a);
+  else kdk_emulate_launch(divergence_fwd_kernel<kMode, 1, TS, TT, kWarpRows>, grid, threads, 1, 0, a);
   (void)stream;
 #else
   if (vec_ok) {
@@ -312,6 +526,65 @@ cudaError_t launch_kernel(const DivergenceArgs& a, bool vec_ok, dim3 grid, int t
   }
 #endif
   return cudaGetLastError();
+}
+
+// Launches the cluster kernel for `plan`; false (nothing launched) where this GPU or this
+// binary has no clusters, or the plan's blocks cannot be co-scheduled.
+template <int kMode, int VEC, typename TS, typename TT>
+bool launch_cluster(const DivergenceArgs& a, const ClusterPlan& plan, cudaStream_t stream) {
+  const auto kernel = divergence_fwd_cluster_kernel<kMode, VEC, TS, TT>;
+  const dim3 grid(static_cast<unsigned>(a.n_rows * plan.ranks));
+#ifdef KDKERNELS_CUDA_EMULATION
+  kdk_emulate_launch(kernel, grid, plan.threads, plan.ranks, plan.smem_bytes, a, plan.slice);
+  (void)stream;
+  return true;
+#else
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(plan.threads);
+  cfg.dynamicSmemBytes = plan.smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = plan.ranks;
+  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // Whether this configuration runs here, remembered per thread for the last one asked.
+  struct Asked {
+    int device = -1;
+    const void* kernel = nullptr;
+    ClusterPlan plan{};
+    bool ok = false;
+  };
+  static thread_local Asked last;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (last.device != device || last.kernel != reinterpret_cast<const void*>(kernel) ||
+      !(last.plan == plan)) {
+    last = Asked{device, reinterpret_cast<const void*>(kernel), plan, false};
+    int has_clusters = 0, clusters = 0;
+    cudaFuncAttributes fa{};
+    if (cudaDeviceGetAttribute(&has_clusters, cudaDevAttrClusterLaunch, device) == cudaSuccess &&
+        has_clusters && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess &&
+        fa.binaryVersion >= 90 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(plan.smem_bytes)) == cudaSuccess &&
+        (plan.ranks <= 8 || cudaFuncSetAttribute(
+                                kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) &&
+        cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess) {
+      last.ok = clusters > 0;
+    }
+    cudaGetLastError();  // a refused query is an answer, not an error to report later
+  }
+  if (!last.ok) return false;
+  if (cudaLaunchKernelEx(&cfg, kernel, a, plan.slice) != cudaSuccess) {
+    cudaGetLastError();
+    last.ok = false;
+    return false;
+  }
+  return true;
+#endif
 }
 
 template <int kMode, typename TS, typename TT>
@@ -324,11 +597,18 @@ cudaError_t launch(const DivergenceArgs& a, cudaStream_t stream) {
   if (chunks <= 64) {  // short rows: one warp each, 8 per block
     constexpr int kRowsPerBlock = 8;
     const dim3 grid(static_cast<unsigned>((a.n_rows + kRowsPerBlock - 1) / kRowsPerBlock));
-    return launch_kernel<kMode, TS, TT, true>(a, vec_ok, grid, 32 * kRowsPerBlock, stream);
+    return launch_streaming<kMode, TS, TT, true>(a, vec_ok, grid, 32 * kRowsPerBlock, stream);
+  }
+  const ClusterPlan plan = plan_cluster(a.vocab, sizeof(TS), sizeof(TT), vec_ok ? kVec : 1,
+                                        a.n_rows, a.smem_row_budget);
+  if (plan.ranks > 0) {
+    const bool launched = vec_ok ? launch_cluster<kMode, kVec, TS, TT>(a, plan, stream)
+                                 : launch_cluster<kMode, 1, TS, TT>(a, plan, stream);
+    if (launched) return cudaSuccess;
   }
   const int threads = chunks >= 8192 ? 1024 : chunks >= 2048 ? 512 : chunks >= 512 ? 256 : 128;
-  return launch_kernel<kMode, TS, TT, false>(a, vec_ok, dim3(static_cast<unsigned>(a.n_rows)),
-                                             threads, stream);
+  return launch_streaming<kMode, TS, TT, false>(a, vec_ok, dim3(static_cast<unsigned>(a.n_rows)),
+                                                threads, stream);
 }
 
 template <int kMode, typename TS>

@@ -29,6 +29,9 @@ struct DivergenceArgs {
   float mix, temperature, lam;  // mix = α or β (weight of P); lam = TAID's λ (taid: 0 ≤ λ < 1)
   float c_p, c_q;               // gradient coefficients of the P and Q sides
   float gs_factor, gt_factor;   // 1/T and λ/T
+  // Bytes of a row (both inputs' logits) one block may keep in shared memory, for the cluster
+  // kernel (sm_90+): 0 = the default (96 KiB); < 0 = never (the streaming kernel, any GPU).
+  int64_t smem_row_budget;
 };
 
 // Gradients come in the input's dtype, except fp16 ones, in fp32 (see csrc/cpu/divergence.h).

@@ -1,7 +1,8 @@
 // Calls the CUDA divergence kernels through their launcher API (no torch) and checks the loss
 // and the student gradient of a few rows against a plain double-precision CPU computation.
 // Built by CMakeLists.txt; runs where a GPU exists (exit 0 = match; 77 = no GPU, skipped).
-//   ./divergence_example            # fkl and jsd, fp32 logits, V = 1271 and 32000
+//   ./divergence_example            # fkl and jsd, fp32 logits, V = 1271, 32000 and 128256,
+//                                   # each through the cluster kernel (sm_90+) and the streaming one
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -51,7 +52,7 @@ static void reference_row(const float* s, const float* t, int V, double T, int m
   *loss = l;
 }
 
-static int check(int mode, int rows, int V, float T, float beta) {
+static int check(int mode, int rows, int V, float T, float beta, int64_t smem_row_budget) {
   std::mt19937 gen(1234);
   std::normal_distribution<float> nd(0.f, 3.f);
   std::vector<float> s(size_t(rows) * V), t(s.size()), w(rows, 1.f / rows), loss(rows), g(s.size());
@@ -86,6 +87,7 @@ static int check(int mode, int rows, int V, float T, float beta) {
   a.c_q = mode == kc::kJSD ? 1.f - beta : 1.f;
   a.gs_factor = 1.f / T;
   a.gt_factor = 1.f / T;
+  a.smem_row_budget = smem_row_budget;  // 0: the cluster kernel where the GPU has clusters
   CHECK_CUDA(kc::divergence_fwd(a, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpy(loss.data(), dl, loss.size() * 4, cudaMemcpyDeviceToHost));
@@ -104,8 +106,9 @@ static int check(int mode, int rows, int V, float T, float beta) {
     }
   }
   const bool ok = worst_loss < 1e-4 && worst_grad < 1e-6;
-  std::printf("%s mode=%d rows=%d V=%d T=%g: loss rel. error %.2e, grad abs. error %.2e\n",
-              ok ? "ok  " : "FAIL", mode, rows, V, T, worst_loss, worst_grad);
+  std::printf("%s mode=%d rows=%d V=%d T=%g %s: loss rel. error %.2e, grad abs. error %.2e\n",
+              ok ? "ok  " : "FAIL", mode, rows, V, T, smem_row_budget < 0 ? "streaming" : "default",
+              worst_loss, worst_grad);
   return ok ? 0 : 1;
 }
 
@@ -116,9 +119,12 @@ int main() {
     return 77;
   }
   int failures = 0;
-  failures += check(kc::kKL, 5, 1271, 2.f, 0.f);
-  failures += check(kc::kKL, 3, 32000, 1.f, 0.f);
-  failures += check(kc::kJSD, 5, 1271, 2.f, 0.3f);
-  failures += check(kc::kJSD, 3, 32000, 0.5f, 0.5f);
+  for (const int64_t budget : {0, -1}) {
+    failures += check(kc::kKL, 5, 1271, 2.f, 0.f, budget);
+    failures += check(kc::kKL, 3, 32000, 1.f, 0.f, budget);
+    failures += check(kc::kKL, 2, 128256, 1.f, 0.f, budget);
+    failures += check(kc::kJSD, 5, 1271, 2.f, 0.3f, budget);
+    failures += check(kc::kJSD, 3, 32000, 0.5f, 0.5f, budget);
+  }
   return failures == 0 ? 0 : 1;
 }

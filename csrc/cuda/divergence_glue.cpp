@@ -1,6 +1,8 @@
 // kdkernels::divergence_fwd for CUDA tensors: the launch on torch's current stream. Uses only
 // ATen / c10 core headers (the stream through c10's device-guard interface), so it also
 // compiles against a CPU-only torch (KDKERNELS_FORCE_CUDA=1 builds).
+#include <cstdlib>
+
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
@@ -18,6 +20,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(
   const c10::DeviceGuard guard(student.device());
   PreparedCall c = prepare_divergence_call(student, teacher, row_weight, mode, swap, mix,
                                            temperature, taid, grad_student, grad_teacher);
+  // KDKERNELS_CUDA_SMEM_ROW_BUDGET (bytes; -1 = the streaming kernel only): a knob for
+  // benchmarks and for testing both kernels on one GPU; unset = the default.
+  if (const char* budget = std::getenv("KDKERNELS_CUDA_SMEM_ROW_BUDGET")) {
+    c.args.smem_row_budget = std::strtoll(budget, nullptr, 10);
+  }
   const c10::Stream stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(student.device());
   const cudaError_t err = divergence_fwd(c.args, static_cast<cudaStream_t>(stream.native_handle()));

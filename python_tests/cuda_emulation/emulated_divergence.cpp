@@ -9,11 +9,23 @@
 std::vector<at::Tensor> emulated_divergence_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                 const at::Tensor& row_weight, int64_t mode, bool swap,
                                                 double mix, double temperature, double taid,
-                                                bool grad_student, bool grad_teacher) {
+                                                bool grad_student, bool grad_teacher,
+                                                int64_t smem_row_budget) {
   auto c = kdkernels::cuda::prepare_divergence_call(student, teacher, row_weight, mode, swap, mix,
                                                     temperature, taid, grad_student, grad_teacher);
+  c.args.smem_row_budget = smem_row_budget;  // which kernel: see csrc/cuda/divergence.cu
   TORCH_CHECK(kdkernels::cuda::divergence_fwd(c.args, nullptr) == cudaSuccess, "launch failed");
   return {c.loss_rows, c.grad_student, c.grad_teacher};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("divergence_fwd", &emulated_divergence_fwd); }
+// The number of cluster ranks the launcher plans for a row (0: the streaming kernel).
+int64_t cluster_ranks(int64_t vocab, int64_t student_elem, int64_t teacher_elem, int64_t vec,
+                      int64_t n_rows, int64_t budget) {
+  return kdkernels::cuda::plan_cluster(vocab, student_elem, teacher_elem, static_cast<int>(vec),
+                                       n_rows, budget).ranks;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("divergence_fwd", &emulated_divergence_fwd);
+  m.def("cluster_ranks", &cluster_ranks);
+}
