@@ -1,4 +1,13 @@
 // The divergence row kernel for AVX-512 (chosen at run time when the CPU has it).
+// The C++ library headers come before the target pragma: GCC 13 refuses to inline its
+// always_inline library functions (std::allocator's destructor, ...) into code compiled for
+// another target ("target specific option mismatch"; seen on the GPU machine's GCC 13.)
+#include <algorithm>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
 #if defined(__x86_64__) && !defined(_MSC_VER)
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // `#pragma GCC target` enables the instructions but not their feature macros, which
