@@ -31,13 +31,13 @@ def kernel_cases():
         cases.append(pytest.param("triton", "cuda", id="triton-cuda"))
     if HAS_CUDA and kdkernels.backend_info()["cuda"]:
         cases.append(pytest.param("cuda", "cuda", id="cuda"))
-        # The same backend with its streaming kernel only (conftest.py sets the knob), so that a
-        # GPU with clusters tests both CUDA kernels.
-        cases.append(pytest.param("cuda", "cuda", id=CUDA_STREAMING))
+        # The same backend with its opt-in cluster kernel (conftest.py sets the knob), so that
+        # a GPU with clusters tests both CUDA kernels.
+        cases.append(pytest.param("cuda", "cuda", id=CUDA_CLUSTER))
     return cases
 
 
-CUDA_STREAMING = "cuda-streaming"
+CUDA_CLUSTER = "cuda-cluster"
 
 
 def assert_matches(actual, ref64, ref32, out_dtype, what, factor=8.0, rounding_units=1.0):

@@ -48,9 +48,10 @@ def reference_outputs(s, t, w, kind, params, temperature, taid, dtype):
 
 
 # The launcher's smem_row_budget (bytes of a row one block keeps in shared memory) for each
-# kernel: the streaming kernel; the cluster kernel with the default (rows here fit one rank);
-# and a budget that splits rows of ~1000 logits over 2 to 4 ranks, the last one partial.
-KERNELS = {"streaming": -1, "cluster-1": 0, "cluster-n": 2048}
+# kernel: the streaming kernel (0, the default); the cluster kernel at its design point (rows
+# here fit one rank); and a budget that splits rows of ~1000 logits over 2 to 4 ranks, the
+# last one partial.
+KERNELS = {"streaming": 0, "cluster-1": 98304, "cluster-n": 2048}
 
 
 def compare(emulated, s, t, w, kind, params, temperature=2.0, taid=1.0, grads=(True, True),
@@ -126,10 +127,11 @@ def test_emulated_cuda_vocab_sizes(emulated, rows, vocab):
 
 
 @pytest.mark.parametrize("vocab,budget,ranks", [(1000, 256, 16), (600, 128, 16), (4096, 4096, 4),
-                                                (8000, 0, 1)])
+                                                (8000, 98304, 1), (8000, 0, 0)])
 def test_emulated_cuda_cluster_splits(emulated, vocab, budget, ranks):
     """The cluster kernel's plans at their edges: 16 ranks (the most), ranks whose slices lie
-    wholly past V (600 logits over 16 slices of 48), and a budget just fitting 4 ranks."""
+    wholly past V (600 logits over 16 slices of 48), a budget just fitting 4 ranks, and no
+    budget (0 ranks: the streaming kernel)."""
     assert emulated.cluster_ranks(vocab, 2, 2, 8, 1, budget) == ranks
     s = logits((3, vocab), torch.bfloat16, "cpu", seed=57)
     t = logits((3, vocab), torch.bfloat16, "cpu", seed=58)

@@ -5,14 +5,20 @@
 //            wanted writes g_Q = Q − P here and stops
 //   sweep 3  g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q) in the gradient dtype
 // Where the row lives between sweeps is what the two kernels differ in:
-//   cluster kernel (sm_90+)  a thread-block cluster holds the row in its blocks' shared memory,
-//            so HBM sees each logit once: the bytes the math must move (read both rows, write
-//            the gradients). Rows up to 16 · 100 KiB of logits (V = 262144 in fp32).
-//   streaming kernel (any GPU; the fallback)  one block per row, or one warp per row for
+//   streaming kernel (any GPU; the default)  one block per row, or one warp per row for
 //            short rows (at most 64 vectors, 8 rows per block); sweeps 2 and 3 re-read the row
 //            from global memory, which is L2 only while all resident rows fit there.
+//   cluster kernel (sm_90+, opt-in: DivergenceArgs::smem_row_budget)  a thread-block cluster
+//            holds the row in its blocks' shared memory, so HBM sees each logit once: the
+//            bytes the math must move. Rows up to 16 · 200 KiB of logits. On an H200 it was
+//            not faster (the kernels are not yet bound by HBM; bench/results/2026-11-29-h200.md),
+//            so it waits for the arithmetic to shrink further.
 // Loads are 16-byte vectors (VEC elements) when the host found every row aligned, else
-// scalar. fp32 math throughout; every x·log-ratio is 0 where x == 0, so −inf logits and
+// scalar. fp32 math throughout, kept lean, as the kernels must keep pace with HBM: logits stay
+// in input units (after TAID) and 1/T enters as a factor of (logit − row max), so there is no
+// division per element, every exponent is relative to the row's maximum (large logits cost no
+// precision), and each probability is one MUFU.EX2:  P = 2^((x − m)·log2(e)/T − log2 Z),
+// log P = (x − m)/T − log Z.  Every x·log-ratio is 0 where x == 0, so −inf logits and
 // underflow never give NaN.
 #include <cmath>
 
@@ -50,13 +56,6 @@ __device__ __forceinline__ float xlr(float x, float lx, float ly) {  // x·(lx �
   return x > 0.f ? x * (lx - ly) : 0.f;
 }
 
-__device__ __forceinline__ float log_mix(float log_w, float log_1mw, float lx, float ly) {
-  // log(w·x + (1−w)·y) from log x, log y, in log space (no log 0 when both underflow).
-  const float u = lx + log_w, v = ly + log_1mw;
-  const float hi = fmaxf(u, v), lo = fminf(u, v);
-  return hi == kNegInf ? kNegInf : hi + log1pf(expf(lo - hi));
-}
-
 // How the cluster kernel splits a row: `ranks` blocks of `threads` threads, each holding
 // `slice` logits of both inputs (a multiple of 16) in `smem_bytes` of shared memory.
 struct ClusterPlan {
@@ -69,8 +68,6 @@ struct ClusterPlan {
   }
 };
 
-// Default bytes of logits (both slices) per block: two blocks per SM on an H100/H200 (228 KiB).
-constexpr int64_t kDefaultSmemRowBudget = 96 * 1024;
 constexpr int64_t kMaxSmemRowSlice = 200 * 1024;  // one block per SM, at 16 ranks
 constexpr int kMaxRanks = 16;                     // 8 is portable; 16 where the GPU allows it
 
@@ -87,11 +84,10 @@ __host__ __device__ inline size_t cluster_smem_bytes(int64_t slice, size_t stude
          sizeof(ClusterSmem);
 }
 
-// The fewest ranks (a power of two) whose slices fit `budget` (0: the default; < 0: never).
+// The fewest ranks (a power of two) whose slices fit `budget` bytes (≤ 0: none, streaming).
 ClusterPlan plan_cluster(int64_t V, size_t student_elem, size_t teacher_elem, int vec,
                          int64_t n_rows, int64_t budget) {
-  if (budget < 0) return {};
-  if (budget == 0) budget = kDefaultSmemRowBudget;
+  if (budget <= 0) return {};
   for (int ranks = 1; ranks <= kMaxRanks; ranks *= 2) {
     const int64_t slice = ((V + ranks - 1) / ranks + 15) / 16 * 16;
     const int64_t bytes = slice * static_cast<int64_t>(student_elem + teacher_elem);
@@ -108,30 +104,56 @@ ClusterPlan plan_cluster(int64_t V, size_t student_elem, size_t teacher_elem, in
   return {};
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x in one instruction (MUFU.EX2, relative error ≤ 2⁻²², exp2f's own core); results below
+// 2⁻¹²⁶ (probabilities under 1e-38, which no sum or gradient here can see) flush to 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef KDKERNELS_CUDA_EMULATION
+  const float r = std::exp2(x);
+  return r < 1.17549435e-38f ? 0.f : r;
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
+// A row's constants after sweep 1, in input units: maxima m (0 for an all −inf row), 1/T (c),
+// log2(e)/T (c2), and each side's log Z (natural and base 2).
 struct RowStats {
-  float m_x, m_y, inv_zx, inv_zy, lse_x, lse_y;
+  float m_x, m_y, c, c2, lz_x, lz_y, l2z_x, l2z_y;
+  float log_w, log_1mw;  // log(mix), log(1 − mix)
 };
 
 struct Terms {
   float p, q, up, uq, el;
 };
 
+// log(mix·P + (1 − mix)·Q) from log P, log Q, in log space: the rounding of log P and
+// log Q cancels in log P − log M (logf of the mixture itself would add an ulp of |log M|,
+// measured 40× the fp32 formula's error on JSD losses). Exact at mix = 0 and 1.
+__device__ __forceinline__ float log_mix(const RowStats& st, float lp, float lq) {
+  const float u = lp + st.log_w, v = lq + st.log_1mw;  // −inf + … at mix = 0 or 1: the other
+  const float hi = fmaxf(u, v), lo = fminf(u, v);
+  return hi == kNegInf ? kNegInf : hi + log1pf(fast_exp2((lo - hi) * kLog2e));
+}
+
 template <int kMode>
-__device__ __forceinline__ Terms terms(float x, float y, const RowStats& st, float mix,
-                                       float log_w, float log_1mw) {
-  const float lp = x - st.lse_x, lq = y - st.lse_y;
-  // P = exp(x − max)/Z, not exp(x − lse): the exponent is near 0 where P is large.
-  const float p = expf(x - st.m_x) * st.inv_zx, q = expf(y - st.m_y) * st.inv_zy;
+__device__ __forceinline__ Terms terms(float ax, float ay, const RowStats& st, float mix) {
+  const float dx = ax - st.m_x, dy = ay - st.m_y;  // −inf for −inf logits: P = 0, log P = −inf
+  const float p = fast_exp2(fmaf(dx, st.c2, -st.l2z_x)), q = fast_exp2(fmaf(dy, st.c2, -st.l2z_y));
+  const float lp = fmaf(dx, st.c, -st.lz_x), lq = fmaf(dy, st.c, -st.lz_y);
   if constexpr (kMode == kKL) {
     const float up = xlr(p, lp, lq);
     return {p, q, up, -p, up};
   } else if constexpr (kMode == kSkew) {
-    const float lr = log_mix(log_w, log_1mw, lp, lq);
+    const float lr = log_mix(st, lp, lq);
     const float el = xlr(p, lp, lr);
-    const float p_over_r = p > 0.f ? expf(lp - lr) : 0.f;  // ≤ 1/α
+    const float p_over_r = p > 0.f ? fast_exp2((lp - lr) * kLog2e) : 0.f;  // ≤ 1/α
     return {p, q, el - mix * p * p_over_r, q * p_over_r, el};
   } else if constexpr (kMode == kJSD) {
-    const float lm = log_mix(log_w, log_1mw, lp, lq);
+    const float lm = log_mix(st, lp, lq);
     const float up = xlr(p, lp, lm), uq = xlr(q, lq, lm);
     return {p, q, up, uq, mix * up + (1.f - mix) * uq};
   } else {  // TVD
@@ -141,17 +163,18 @@ __device__ __forceinline__ Terms terms(float x, float y, const RowStats& st, flo
 }
 
 // ---------------------------------------------------------------- block reductions
-__device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2) {
+// Sums of exponentials in input units: z = Σ 2^((x − m)·c2) with c2 = log2(e)/T.
+__device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2, float c2) {
   const float mn = fmaxf(m, m2);
   if (mn == kNegInf) return;  // both empty
-  z = z * expf(m - mn) + z2 * expf(m2 - mn);
+  z = z * fast_exp2((m - mn) * c2) + z2 * fast_exp2((m2 - mn) * c2);
   m = mn;
 }
 
 // Warp-wide merge of per-lane (max, sum-exp) pairs / warp-wide sum; every lane gets it.
-__device__ __forceinline__ void warp_lse(float& m, float& z) {
+__device__ __forceinline__ void warp_lse(float& m, float& z, float c2) {
   for (int o = 16; o > 0; o >>= 1) {
-    lse_merge(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o));
+    lse_merge(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o), c2);
   }
 }
 
@@ -161,8 +184,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Block-wide merge of per-thread (max, sum-exp) pairs; every thread gets the result.
-__device__ void block_lse(float& m, float& z, float* smem) {
-  warp_lse(m, z);
+__device__ void block_lse(float& m, float& z, float c2, float* smem) {
+  warp_lse(m, z, c2);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   __syncthreads();  // smem may still be read from a previous reduction
   if (lane == 0) {
@@ -172,7 +195,7 @@ __device__ void block_lse(float& m, float& z, float* smem) {
   __syncthreads();
   m = kNegInf;
   z = 0.f;
-  for (int k = 0; k < warps; ++k) lse_merge(m, z, smem[k], smem[32 + k]);
+  for (int k = 0; k < warps; ++k) lse_merge(m, z, smem[k], smem[32 + k], c2);
 }
 
 // Block-wide sum; every thread gets the result.
@@ -188,7 +211,7 @@ __device__ float block_sum(float v, float* smem) {
 }
 
 // ---------------------------------------------------------------- row access
-// VEC consecutive logits of P and Q at j0 (TAID applied, divided by T; −inf past V).
+// VEC consecutive logits of P and Q at j0 (TAID applied, in input units; −inf past V).
 template <int VEC, typename TS, typename TT>
 __device__ __forceinline__ void load_xy(const TS* s_row, const TT* t_row, int64_t j0, int64_t V,
                                         const DivergenceArgs& a, float (&x)[VEC], float (&y)[VEC]) {
@@ -212,10 +235,8 @@ __device__ __forceinline__ void load_xy(const TS* s_row, const TT* t_row, int64_
   for (int i = 0; i < VEC; ++i) {
     float ti = t[i];
     if (a.taid) ti = a.lam == 0.f ? s[i] : a.lam * ti + (1.f - a.lam) * s[i];  // −inf stays −inf
-    const float si = s[i] / a.temperature;
-    ti = ti / a.temperature;
-    x[i] = a.swap ? si : ti;
-    y[i] = a.swap ? ti : si;
+    x[i] = a.swap ? s[i] : ti;
+    y[i] = a.swap ? ti : s[i];
   }
 }
 
@@ -253,34 +274,36 @@ __device__ __forceinline__ float row_sweeps(const DivergenceArgs& a, float w, co
   };
   float x[VEC], y[VEC];
 
-  // sweep 1: log-sum-exps
+  // sweep 1: log-sum-exps, online: each vector's exponentials relative to the running maximum
+  // (rescaled by one 2^x when the maximum grows)
+  RowStats st;
+  st.c = 1.f / a.temperature;
+  st.c2 = kLog2e / a.temperature;
   float m_x = kNegInf, z_x = 0.f, m_y = kNegInf, z_y = 0.f;
+  auto online = [&](float& m, float& z, const float (&v)[VEC]) {
+    float mn = m;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) mn = fmaxf(mn, v[i]);
+    if (mn == kNegInf) return;  // nothing but −inf so far
+    if (mn != m) z *= fast_exp2((m - mn) * st.c2);  // 0 while m is −inf (z is 0 then too)
+    m = mn;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) z += fast_exp2((v[i] - mn) * st.c2);
+  };
   for (int64_t j0 = first; j0 < n; j0 += step) {
     load_xy<VEC>(s_row, t_row, j0, n, a, x, y);
-    float bx = kNegInf, by = kNegInf;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      bx = fmaxf(bx, x[i]);
-      by = fmaxf(by, y[i]);
-    }
-    float zx = 0.f, zy = 0.f;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      zx += bx == kNegInf ? 0.f : expf(x[i] - bx);
-      zy += by == kNegInf ? 0.f : expf(y[i] - by);
-    }
-    lse_merge(m_x, z_x, bx, zx);
-    lse_merge(m_y, z_y, by, zy);
+    online(m_x, z_x, x);
+    online(m_y, z_y, y);
   }
-  reduce.lse(m_x, z_x, m_y, z_y);
-  RowStats st;
-  st.lse_x = m_x + logf(z_x);
-  st.lse_y = m_y + logf(z_y);
+  reduce.lse(m_x, z_x, m_y, z_y, st.c2);
   st.m_x = m_x == kNegInf ? 0.f : m_x;
   st.m_y = m_y == kNegInf ? 0.f : m_y;
-  st.inv_zx = 1.f / z_x;
-  st.inv_zy = 1.f / z_y;
-  const float log_w = logf(a.mix), log_1mw = log1pf(-a.mix);
+  st.lz_x = logf(z_x);
+  st.lz_y = logf(z_y);
+  st.l2z_x = log2f(z_x);
+  st.l2z_y = log2f(z_y);
+  st.log_w = logf(a.mix);
+  st.log_1mw = log1pf(-a.mix);
   const float q_factor = w * (a.swap ? a.gt_factor : a.gs_factor);
   const float p_factor = w * (a.swap ? a.gs_factor : a.gt_factor);
   const bool fused_q = kMode == kKL && need_q && !need_p;
@@ -292,15 +315,21 @@ __device__ __forceinline__ float row_sweeps(const DivergenceArgs& a, float w, co
     float g[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const Terms r = terms<kMode>(x[i], y[i], st, a.mix, log_w, log_1mw);
+      const Terms r = terms<kMode>(x[i], y[i], st, a.mix);
       loss += r.el;
-      sum_up += r.up;
-      sum_uq += r.uq;
+      if constexpr (kMode != kKL) {  // KL: ΣU_P is the loss and ΣU_Q = −ΣP = −1 (below)
+        sum_up += r.up;
+        sum_uq += r.uq;
+      }
       g[i] = (r.q - r.p) * q_factor;
     }
     if (fused_q) store_side(false, j0, g);
   }
   reduce.sums(loss, sum_up, sum_uq);
+  if constexpr (kMode == kKL) {
+    sum_up = loss;
+    sum_uq = -1.f;  // so g_Q = c_Q·(Q − P), as in the fused sweep
+  }
   if (fused_q || !(need_p || need_q)) return w * loss;
 
   // sweep 3: gradients
@@ -310,7 +339,7 @@ __device__ __forceinline__ float row_sweeps(const DivergenceArgs& a, float w, co
     float gp[VEC], gq[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const Terms r = terms<kMode>(x[i], y[i], st, a.mix, log_w, log_1mw);
+      const Terms r = terms<kMode>(x[i], y[i], st, a.mix);
       gp[i] = cp * (r.up - r.p * sum_up);
       gq[i] = cq * (r.uq - r.q * sum_uq);
     }
@@ -337,13 +366,13 @@ __device__ __forceinline__ void zero_slice(GS* gs, GT* gt, int64_t n, int64_t fi
 template <bool kWarpRows>
 struct StreamingReduce {
   float* smem;
-  __device__ void lse(float& m_x, float& z_x, float& m_y, float& z_y) {
+  __device__ void lse(float& m_x, float& z_x, float& m_y, float& z_y, float c2) {
     if (kWarpRows) {
-      warp_lse(m_x, z_x);
-      warp_lse(m_y, z_y);
+      warp_lse(m_x, z_x, c2);
+      warp_lse(m_y, z_y, c2);
     } else {
-      block_lse(m_x, z_x, smem);
-      block_lse(m_y, z_y, smem);
+      block_lse(m_x, z_x, c2, smem);
+      block_lse(m_y, z_y, c2, smem);
     }
   }
   __device__ void sums(float& a, float& b, float& c) {
@@ -428,10 +457,11 @@ struct ClusterReduce {
     for (int k = 0; k < K; ++k) v[k] = sm->total[base + k];
   }
   struct LseMerge {
+    float c2;
     __device__ float identity(int k) const { return k % 2 == 0 ? kNegInf : 0.f; }
     __device__ void warp(float (&v)[4]) const {
-      warp_lse(v[0], v[1]);
-      warp_lse(v[2], v[3]);
+      warp_lse(v[0], v[1], c2);
+      warp_lse(v[2], v[3], c2);
     }
   };
   struct SumMerge {
@@ -440,11 +470,11 @@ struct ClusterReduce {
       for (float& x : v) x = warp_sum(x);
     }
   };
-  __device__ void lse(float& m_x, float& z_x, float& m_y, float& z_y) {
-    block_lse(m_x, z_x, sm->scratch);
-    block_lse(m_y, z_y, sm->scratch);
+  __device__ void lse(float& m_x, float& z_x, float& m_y, float& z_y, float c2) {
+    block_lse(m_x, z_x, c2, sm->scratch);
+    block_lse(m_y, z_y, c2, sm->scratch);
     float v[4] = {m_x, z_x, m_y, z_y};
-    exchange(v, 0, LseMerge{});
+    exchange(v, 0, LseMerge{c2});
     m_x = v[0], z_x = v[1], m_y = v[2], z_y = v[3];
   }
   __device__ void sums(float& a, float& b, float& c) {
@@ -484,17 +514,27 @@ __global__ void __launch_bounds__(512) divergence_fwd_cluster_kernel(const Diver
   TT* t_sm = reinterpret_cast<TT*>(smem + (slice * sizeof(TS) + 15) / 16 * 16);
   auto* sm = reinterpret_cast<ClusterSmem*>(smem + cluster_smem_bytes(slice, sizeof(TS), sizeof(TT)) -
                                             sizeof(ClusterSmem));
-  // The copy: every load of this thread issued before any use (unrolled; independent).
+  // The copy, kBatch vectors of each input in flight per thread: all loads, then all stores.
   const TS* s_row = static_cast<const TS*>(a.student) + row * a.student_stride + begin;
   const TT* t_row = static_cast<const TT*>(a.teacher) + row * a.teacher_stride + begin;
-#pragma unroll 4
-  for (int64_t j0 = first; j0 < n; j0 += step) {
-    if (j0 + VEC <= n) {
-      *reinterpret_cast<Pack<TS, VEC>*>(s_sm + j0) = *reinterpret_cast<const Pack<TS, VEC>*>(s_row + j0);
-      *reinterpret_cast<Pack<TT, VEC>*>(t_sm + j0) = *reinterpret_cast<const Pack<TT, VEC>*>(t_row + j0);
-    } else {
-      for (int64_t j = j0; j < n; ++j) s_sm[j] = s_row[j], t_sm[j] = t_row[j];
+  constexpr int kBatch = 4;
+  int64_t j0 = first;
+  for (; j0 + (kBatch - 1) * step + VEC <= n; j0 += kBatch * step) {
+    Pack<TS, VEC> ps[kBatch];
+    Pack<TT, VEC> pt[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      ps[u] = *reinterpret_cast<const Pack<TS, VEC>*>(s_row + j0 + u * step);
+      pt[u] = *reinterpret_cast<const Pack<TT, VEC>*>(t_row + j0 + u * step);
     }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      *reinterpret_cast<Pack<TS, VEC>*>(s_sm + j0 + u * step) = ps[u];
+      *reinterpret_cast<Pack<TT, VEC>*>(t_sm + j0 + u * step) = pt[u];
+    }
+  }
+  for (; j0 < n; j0 += step) {  // the rest, one vector (or the partial last one) at a time
+    for (int64_t j = j0; j < j0 + VEC && j < n; ++j) s_sm[j] = s_row[j], t_sm[j] = t_row[j];
   }
   ClusterReduce<decltype(cluster)> reduce{cluster, sm};
   const float loss = row_sweeps<kMode, VEC>(a, w, s_sm, t_sm, n, gs, gt, first, step, reduce);
@@ -567,7 +607,7 @@ bool launch_cluster(const DivergenceArgs& a, const ClusterPlan& plan, cudaStream
     cudaFuncAttributes fa{};
     if (cudaDeviceGetAttribute(&has_clusters, cudaDevAttrClusterLaunch, device) == cudaSuccess &&
         has_clusters && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess &&
-        fa.binaryVersion >= 90 &&
+        fa.binaryVersion >= 90 && fa.ptxVersion >= 90 &&  // sm_8x PTX JIT-compiled here: __trap
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(plan.smem_bytes)) == cudaSuccess &&
         (plan.ranks <= 8 || cudaFuncSetAttribute(

@@ -29,8 +29,10 @@ struct DivergenceArgs {
   float mix, temperature, lam;  // mix = α or β (weight of P); lam = TAID's λ (taid: 0 ≤ λ < 1)
   float c_p, c_q;               // gradient coefficients of the P and Q sides
   float gs_factor, gt_factor;   // 1/T and λ/T
-  // Bytes of a row (both inputs' logits) one block may keep in shared memory, for the cluster
-  // kernel (sm_90+): 0 = the default (96 KiB); < 0 = never (the streaming kernel, any GPU).
+  // The cluster kernel (sm_90+, opt-in): bytes of a row (both inputs' logits) one block may
+  // keep in shared memory; 98304 (96 KiB: two blocks per H100/H200 SM) is its design point.
+  // 0 (the default) = the streaming kernel, which measured as fast or faster on an H200
+  // (bench/results/2026-11-29-h200.md).
   int64_t smem_row_budget;
 };
 

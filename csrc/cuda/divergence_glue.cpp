@@ -20,8 +20,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(
   const c10::DeviceGuard guard(student.device());
   PreparedCall c = prepare_divergence_call(student, teacher, row_weight, mode, swap, mix,
                                            temperature, taid, grad_student, grad_teacher);
-  // KDKERNELS_CUDA_SMEM_ROW_BUDGET (bytes; -1 = the streaming kernel only): a knob for
-  // benchmarks and for testing both kernels on one GPU; unset = the default.
+  // KDKERNELS_CUDA_SMEM_ROW_BUDGET (bytes per block, e.g. 98304) opts into the cluster kernel
+  // on sm_90+ (see divergence.cuh); unset or 0 = the streaming kernel.
   if (const char* budget = std::getenv("KDKERNELS_CUDA_SMEM_ROW_BUDGET")) {
     c.args.smem_row_budget = std::strtoll(budget, nullptr, 10);
   }

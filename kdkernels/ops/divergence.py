@@ -96,10 +96,16 @@ def _scale(grad, grad_loss, reduce, dtype):
     factor = grad_loss if reduce else grad_loss.unsqueeze(-1)
     if not (_eager(grad) and _eager(grad_loss)):
         return (grad * factor).to(dtype)  # functional while traced (Inductor fuses it)
-    if reduce and grad_loss.device.type == "cpu" and bool(grad_loss == 1):
-        return grad.to(dtype)  # loss.backward() on the loss itself: no pass at all
-    # In place: no second (N, V) buffer. (On CUDA always, rather than a host sync to test
-    # for 1: one extra pass over the gradient.)
+    capturing = grad_loss.is_cuda and torch.cuda.is_current_stream_capturing()  # no syncs then
+    if reduce and not capturing:
+        # The scalar read once (on CUDA, one host sync). Exactly 1 (loss.backward() on the loss
+        # itself): no pass at all; that pass took 3.9 ms at bf16 N=8192 V=128256 on an H200,
+        # more than the loss kernel (bench/results/2026-11-29-h200.md). Otherwise a Python
+        # scalar: ATen's vectorized path, computing in fp32 (a CUDA 0-dim tensor factor took
+        # the generic broadcast kernel that made those 3.9 ms).
+        f = float(grad_loss)
+        return grad.to(dtype) if f == 1.0 else grad.mul_(f).to(dtype)
+    # In place: no second (N, V) buffer.
     return grad.mul_(factor).to(dtype)
 
 
