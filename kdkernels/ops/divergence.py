@@ -101,8 +101,9 @@ def _scale(grad, grad_loss, reduce, dtype):
         # The scalar read once (on CUDA, one host sync). Exactly 1 (loss.backward() on the loss
         # itself): no pass at all; that pass took 3.9 ms at bf16 N=8192 V=128256 on an H200,
         # more than the loss kernel (bench/results/2026-11-29-h200.md). Otherwise a Python
-        # scalar: ATen's vectorized path, computing in fp32 (a CUDA 0-dim tensor factor took
-        # the generic broadcast kernel that made those 3.9 ms).
+        # scalar, computing in fp32 with the same bits as the tensor factor; a CUDA 0-dim
+        # factor took ATen's generic broadcast kernel in those 3.9 ms, and the scalar one is
+        # expected to take its vectorized kernel instead (not yet measured on a GPU).
         f = float(grad_loss)
         return grad.to(dtype) if f == 1.0 else grad.mul_(f).to(dtype)
     # In place: no second (N, V) buffer.
