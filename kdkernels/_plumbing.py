@@ -57,8 +57,15 @@ def check_pair(student, teacher, student_name="student_logits", teacher_name="te
 
 
 def check_real(name, value, *, low=None, high=None, low_open=False, high_open=False):
-    """A Python real number (or 0-d tensor) within [low, high] (open ends when asked)."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+    """A real number within [low, high] (open ends when asked), returned as a Python float:
+    a Python or numpy int/float, or a 0-dim real tensor (read once; it is a constant of the
+    loss, so one that requires grad is refused rather than silently detached)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool \
+            and not value.is_complex():
+        if value.requires_grad:
+            raise TypeError(f"{name} is a constant of the loss: got a tensor that requires grad "
+                            f"(its gradient would be silently dropped); pass {name}.detach() or "
+                            f"a float")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -74,6 +81,15 @@ def check_real(name, value, *, low=None, high=None, low_open=False, high_open=Fa
         rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
         raise ValueError(f"{name} must be a finite number in {rng}, got {value}")
     return value
+
+
+def check_int(name, value):
+    """An integer (Python, numpy or a 0-dim integer tensor; not a bool), as a Python int."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and _is_integer_dtype(value.dtype):
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
 
 
 def check_choice(name, value, choices):
@@ -107,8 +123,7 @@ def kept_rows(lead_shape, device, *, labels=None, ignore_index=-100, mask=None):
     if labels is not None:
         _check_row_tensor("labels", labels, lead_shape, device, _is_integer_dtype,
                           "an integer tensor")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        ignore_index = check_int("ignore_index", ignore_index)
         return (labels != ignore_index).reshape(-1)
     if mask is not None:
         _check_row_tensor("mask", mask, lead_shape, device, lambda d: d == torch.bool,
@@ -132,18 +147,64 @@ def row_weights(n_rows, kept, *, scale, reduction, num_items, device, dtype=torc
         return w
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be a number or a one-element tensor, got shape "
-                                 f"{tuple(num_items.shape)}")
-            num_items = num_items.reshape(()).to(device=device, dtype=dtype)
-            if type(num_items) is torch.Tensor and num_items.device.type == "cpu" \
-                    and not torch.compiler.is_compiling() and not bool(num_items > 0):
-                raise ValueError(f"num_items must be > 0, got {num_items.item()}")
-            return w / num_items
+            return w / _num_items_tensor(num_items, device, dtype)
         return w / check_real("num_items", num_items, low=0.0, low_open=True)
     if kept is None:
         return w / max(n_rows, 1)
     return w / kept.sum().clamp_min(1).to(dtype)
+
+
+def _num_items_tensor(n, device, dtype):
+    """A tensor num_items as a 0-dim `dtype` tensor on `device`. It must be finite and > 0: a
+    CPU tensor is checked in eager mode (ValueError); a CUDA one (no host sync) and any one
+    inside a compiled graph (no graph break) gives NaN instead, never a finite wrong loss."""
+    if n.numel() != 1:
+        raise ValueError(f"num_items must be a number or a one-element tensor, got shape "
+                         f"{tuple(n.shape)}")
+    if n.dtype == torch.bool or n.is_complex():
+        raise TypeError(f"num_items must be a real (integer or floating) tensor, got dtype {n.dtype}")
+    n = n.detach().reshape(()).to(device=device, dtype=dtype)
+    if type(n) is torch.Tensor and n.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = n.item()
+        if not (0 < value < float("inf")):
+            raise ValueError(f"num_items must be a finite number > 0, got {value}")
+        return n
+    return nan_unless((n > 0) & torch.isfinite(n), n)
+
+
+def nan_unless(ok, x):
+    """x where ok, NaN elsewhere: how a bad tensor value that cannot be checked on the host
+    (inside a compiled graph, or on a GPU without a sync) reaches the result: as NaN."""
+    return torch.where(ok, x, float("nan"))
+
+
+class _NanRows(torch.autograd.Function):
+    """value with NaN at the rows `bad`, and NaN in those rows of every input's gradient."""
+
+    @staticmethod
+    def forward(ctx, value, bad, *inputs):
+        ctx.save_for_backward(bad)
+        ctx.meta = [(x.shape, x.dtype, x.device) for x in inputs]
+        return value.masked_fill(bad, float("nan"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bad,) = ctx.saved_tensors
+        grads = [grad, None]
+        for (shape, dtype, device), needed in zip(ctx.meta, ctx.needs_input_grad[2:]):
+            if not needed:
+                grads.append(None)
+                continue
+            rows = bad.reshape(bad.shape + (1,) * (len(shape) - bad.dim()))
+            grads.append(torch.zeros(shape, dtype=dtype, device=device).masked_fill(rows, float("nan")))
+        return tuple(grads)
+
+
+def nan_rows(value, bad, *inputs):
+    """The NaN rule of the reference backends (README: "NaN and inf"): per-row losses `value`
+    are NaN where `bad`, and so is every gradient row of `inputs` there (each input's leading
+    dims are bad's shape). The other rows are untouched, values and gradients alike."""
+    return _NanRows.apply(value, bad, *inputs)
 
 
 def live_rows(x, kept):
@@ -182,7 +243,7 @@ def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergen
     whether that op has a kernel for the device's dispatch key."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        env = os.environ.get("KDKERNELS_BACKEND", "auto")
+        env = os.environ.get("KDKERNELS_BACKEND") or "auto"  # set but empty: unset
         if env not in BACKENDS:
             raise ValueError(f"KDKERNELS_BACKEND must be one of {', '.join(BACKENDS)}; got {env!r}")
         backend = env

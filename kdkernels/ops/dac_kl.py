@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._plumbing import grad_dtype
 from ._register import register_fake_and_autograd
-from .divergence import _scale, keep_for_hand_over, take_handed_over
+from ._hand_over import keep_for_hand_over, scale, take_handed_over
 
 SCHEMA_ARGS = ("student", "teacher", "lower", "upper", "row_weight", "temperature", "reduce",
                "grad_student", "grad_bounds")
@@ -43,7 +43,7 @@ def _backward(ctx, grad_loss, _unused_gs, _unused_gb):
     if grad_loss is None:
         return (None,) * len(SCHEMA_ARGS)
     d_bounds = gb * grad_loss  # (2, N) times a scalar, or times per-row factors
-    return (_scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]), None,
+    return (scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]), None,
             d_bounds[0].to(ctx.dtypes[1]), d_bounds[1].to(ctx.dtypes[2])) + \
         (None,) * (len(SCHEMA_ARGS) - 4)
 
