@@ -138,3 +138,45 @@ def test_emulated_cuda_cluster_splits(emulated, vocab, budget, ranks):
     w = torch.tensor([1.0, 0.0, 0.5])
     for kind in ("fkl", "jsd"):
         compare(emulated, s, t, w, kind, {"beta": 0.3}, kernel=budget)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("vocab", [64, 1003])  # one warp per row / one block (or cluster) per row
+@pytest.mark.parametrize("kind", kdkernels.KINDS)
+def test_emulated_cuda_nan_rule(emulated, kind, vocab, kernel):
+    """Rows with a NaN or +inf logit, or with no distribution, are NaN (loss and gradient
+    rows); clean rows are what the kernel gives for them alone; a dropped row is 0."""
+    from test_divergence import poisoned  # noqa: PLC0415
+
+    s, t, bad, mask = poisoned("cpu", v=vocab, seed=66)
+    s[0, :16] = float("nan")  # a whole leading vector of NaN (fmaxf passes NaN over)
+    bad[0] = True
+    w = mask.float() * 0.5
+    mode, swap, mix = kernel_args(kind, 0.3, 0.1)
+    budget = KERNELS[kernel]
+    loss, gs, gt = emulated.divergence_fwd(s, t, w, mode, swap, mix, 2.0, 1.0, True, True, budget)
+    assert loss[bad].isnan().all() and gs[bad].isnan().all() and gt[bad].isnan().all()
+    assert loss[8] == 0 and (gs[8] == 0).all() and (gt[8] == 0).all()
+    clean = (~bad & mask).nonzero().flatten()
+    alone = emulated.divergence_fwd(s[clean].contiguous(), t[clean].contiguous(), w[clean], mode,
+                                    swap, mix, 2.0, 1.0, True, True, budget)
+    for got, want in zip((loss, gs, gt), alone):
+        assert torch.equal(got[clean], want)
+    compare(emulated, s[clean].contiguous(), t[clean].contiguous(), w[clean], kind,
+            {"beta": 0.3, "skew": 0.1}, kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("end", ["min", "max"])
+@pytest.mark.parametrize("kind,params", KIND_SPECS, ids=SPEC_IDS)
+def test_emulated_cuda_temperature_range_ends(emulated, kind, params, end, kernel):
+    if end == "min":  # logits ~T apart: the maximum must be subtracted before dividing by T
+        temperature = kdkernels._plumbing.TEMPERATURE_MIN
+        s = 3.0 + logits((4, 1003), torch.float32, "cpu", seed=67, scale=2e-6)
+        t = 3.0 + logits((4, 1003), torch.float32, "cpu", seed=68, scale=2e-6)
+    else:
+        temperature = kdkernels._plumbing.TEMPERATURE_MAX
+        s = logits((4, 1003), torch.float32, "cpu", seed=67, scale=1.0)
+        t = logits((4, 1003), torch.float32, "cpu", seed=68, scale=1.0)
+    compare(emulated, s, t, torch.full((4,), 0.5), kind, params, temperature=temperature,
+            kernel=kernel)

@@ -500,7 +500,7 @@ def test_bad_inputs():
     _bad("V >= 1", s=torch.randn(4, 0), t=torch.randn(4, 0))
     _bad("temperature", temperature=0.0)
     _bad("temperature", temperature=1e-23)  # T² would underflow fp32: every row silently dropped
-    _bad("num_items must be > 0", num_items=torch.tensor(0))
+    _bad("num_items must be a finite number > 0", num_items=torch.tensor(0))
     _bad("temperature", temperature=-1.0)
     _bad("temperature", temperature=float("nan"))
     _bad("temperature", TypeError, temperature="2")
@@ -554,3 +554,177 @@ def test_triton_kernels_compile_for_gpus():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "compiled 48 variants for sm_80" in out.stdout and "for sm_90" in out.stdout
     assert "compiled 12 mixing-matrix kernels for sm_90" in out.stdout
+
+
+# ------------------------------------------------------------------ hardening: edge semantics
+BACKENDS_AND_REF = KERNELS + [pytest.param("reference", "cpu", id="reference")]
+
+
+def poisoned(device, v=203, seed=60):
+    """Rows 0, 3 and 6 clean; 1: a NaN teacher logit, 2: a +inf teacher logit, 4: all −inf
+    teacher, 5: a NaN student logit, 7: all −inf student, 8: a NaN in a dropped row."""
+    s = logits((9, v), torch.float32, device, seed=seed)
+    t = logits((9, v), torch.float32, device, seed=seed + 1)
+    t[1, 7] = float("nan")
+    t[2, 11] = float("inf")
+    t[4] = float("-inf")
+    s[5, 0] = float("nan")
+    s[7] = float("-inf")
+    s[8, 3] = t[8, 4] = float("nan")
+    bad = torch.tensor([False, True, True, False, True, True, False, True, False])
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[8] = False
+    return s, t, bad, mask.to(device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_REF)
+@pytest.mark.parametrize("kind,params", KIND_SPECS, ids=SPEC_IDS)
+def test_nan_rule(backend, device, kind, params):
+    """A kept row with a NaN or +inf logit, or without a distribution, is NaN (loss and every
+    gradient element of that row); the clean rows are exact; a dropped row never matters."""
+    s, t, bad, mask = poisoned(device)
+    kw = dict(kind=kind, temperature=2.0, reduction="none", **params)
+    loss, gs, gt = evaluate(backend, s, t, mask=mask, **kw)
+    loss, gs, gt, bad = loss.cpu(), gs.cpu(), gt.cpu(), bad.clone()
+    assert loss[bad].isnan().all() and gs[bad].isnan().all() and gt[bad].isnan().all()
+    assert loss[8] == 0 and (gs[8] == 0).all() and (gt[8] == 0).all()
+    clean = ~bad
+    clean[8] = False
+    idx = clean.nonzero().flatten().to(device)
+    r64 = evaluate("reference", s[idx].double(), t[idx].double(), **kw)
+    r32 = evaluate("reference", s[idx], t[idx], **kw)
+    units = 2.0 if (backend == "triton" and s.device.type == "cpu") else 1.0
+    for got, want64, want32, what in zip((loss, gs, gt), r64, r32, ("loss", "gs", "gt")):
+        assert_matches(got[clean], want64.cpu(), want32.cpu(), torch.float32, what,
+                       rounding_units=units)
+    total = kdkernels.divergence(s, t, mask=mask, backend=backend, **{**kw, "reduction": "mean"})
+    assert total.isnan()
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("kind", kdkernels.KINDS)
+def test_nan_rule_taid_and_one_sided_gradients(backend, device, kind):
+    s, t, bad, mask = poisoned(device, v=64, seed=61)
+    for grads in ((True, False), (False, True)):
+        s_, t_ = s.clone().requires_grad_(grads[0]), t.clone().requires_grad_(grads[1])
+        loss = kdkernels.divergence(s_, t_, kind=kind, taid_t=0.6, mask=mask, reduction="none",
+                                    backend=backend)
+        loss.sum().backward()
+        g = (s_ if grads[0] else t_).grad.cpu()
+        assert loss.cpu()[bad].isnan().all() and g[bad].isnan().all()
+        assert torch.isfinite(loss.cpu()[~bad]).all() and torch.isfinite(g[~bad]).all()
+
+
+# Temperatures at both ends of the accepted range. At T = 1e-6 logits that differ by ~T (so
+# that the distribution is not one-hot) test that the maximum is subtracted before dividing.
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("end", ["min", "max"])
+@pytest.mark.parametrize("kind,params", KIND_SPECS, ids=SPEC_IDS)
+def test_temperature_range_ends(backend, device, end, kind, params):
+    if end == "min":
+        temperature = _plumbing.TEMPERATURE_MIN
+        s = 3.0 + logits((7, 301), torch.float32, device, seed=62, scale=2e-6)
+        t = 3.0 + logits((7, 301), torch.float32, device, seed=63, scale=2e-6)
+    else:
+        temperature = _plumbing.TEMPERATURE_MAX
+        s = logits((7, 301), torch.float32, device, seed=62, scale=1.0)
+        t = logits((7, 301), torch.float32, device, seed=63, scale=1.0)
+    check_against_reference(backend, s, t, kind=kind, temperature=temperature,
+                            reduction="none", **params)
+
+
+def test_temperature_outside_range_is_refused():
+    _bad(r"temperature must be a finite number in \[1e-06, 100.0\]", temperature=100.5)
+    _bad("temperature", temperature=1e4)
+    _bad("temperature", temperature=0.9e-6)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("kind", ["jsd", "skew_fkl", "skew_rkl"])
+def test_large_logits_at_large_temperature(backend, device, kind):
+    """|logits| near 1e4 at the largest T (spread enough for both distributions to be wide):
+    the mixtures keep fp32 PyTorch's precision."""
+    s = 9000.0 + logits((5, 300), torch.float32, device, seed=64, scale=30.0)
+    t = -9000.0 + logits((5, 300), torch.float32, device, seed=65, scale=30.0)
+    check_against_reference(backend, s, t, kind=kind, temperature=10.0, reduction="none")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_REF)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_rows(backend, device, reduction):
+    """N = 0: a 0 loss (empty for 'none') and (0, V) zero gradients, on every backend."""
+    s = torch.zeros(0, 7, device=device, requires_grad=True)
+    t = torch.zeros(0, 7, device=device, requires_grad=True)
+    loss = kdkernels.divergence(s, t, reduction=reduction, backend=backend)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert s.grad is not None and s.grad.shape == (0, 7)
+    assert t.grad is not None and t.grad.shape == (0, 7)
+    if reduction != "none":
+        assert loss.item() == 0
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_double_backward_is_refused(backend, device):
+    s = logits((3, 20), torch.float32, device).requires_grad_()
+    t = logits((3, 20), torch.float32, device)
+    loss = kdkernels.divergence(s, t, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+def test_double_backward_on_the_reference():
+    """The reference is plain autograd: second derivatives work there (Hessian-vector)."""
+    s = logits((3, 20), torch.float64, "cpu").requires_grad_()
+    t = logits((3, 20), torch.float64, "cpu")
+    (g,) = torch.autograd.grad(kdkernels.divergence(s, t, backend="reference"), s,
+                               create_graph=True)
+    (hv,) = torch.autograd.grad(g.sum(), s)
+    assert torch.isfinite(hv).all() and hv.abs().max() > 0
+
+
+def test_argument_types():
+    s, t = logits((4, 10), torch.float32, "cpu"), logits((4, 10), torch.float32, "cpu")
+    want = kdkernels.divergence(s, t, temperature=2.0)
+    assert kdkernels.divergence(s, t, temperature=torch.tensor(2)) == want  # 0-dim int tensor
+    assert kdkernels.divergence(s, t, temperature=torch.tensor(2.0)) == want
+    labels = torch.tensor([1, -100, 2, 3])
+    with_labels = kdkernels.divergence(s, t, labels=labels)
+    import numpy as np  # noqa: PLC0415
+    assert kdkernels.divergence(s, t, labels=labels, ignore_index=np.int64(-100)) == with_labels
+    assert kdkernels.divergence(s, t, labels=labels, ignore_index=torch.tensor(-100)) == with_labels
+    assert kdkernels.divergence(s, t, num_items=torch.tensor(8)) == \
+        kdkernels.divergence(s, t, num_items=8)
+    _bad("num_items must be a finite number > 0", num_items=torch.tensor(float("inf")))
+    _bad("num_items must be a finite number > 0", num_items=torch.tensor(float("nan")))
+    _bad("num_items must be a finite number > 0", num_items=torch.tensor(-4.0))
+    _bad("num_items", num_items=float("inf"))
+    _bad("num_items must be a real", TypeError, num_items=torch.tensor(True))
+    _bad("requires grad", TypeError, temperature=torch.tensor(2.0, requires_grad=True))
+    _bad("ignore_index must be an int", TypeError, labels=labels, ignore_index=True)
+
+
+def test_empty_backend_variable_means_unset(monkeypatch):
+    s, t = logits((4, 10), torch.float32, "cpu"), logits((4, 10), torch.float32, "cpu")
+    monkeypatch.setenv("KDKERNELS_BACKEND", "")
+    assert _plumbing.resolve_backend("auto", s.device, (s.dtype,)) in ("cpu", "reference")
+    kdkernels.divergence(s, t)
+    monkeypatch.setenv("KDKERNELS_BACKEND", "bogus")
+    _bad("KDKERNELS_BACKEND")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_bad_num_items_is_nan(backend, compiler):
+    """Inside a compiled graph the eager ValueError cannot be raised: the loss is NaN instead."""
+    s = logits((4, 10), torch.float32, "cpu").requires_grad_()
+    t = logits((4, 10), torch.float32, "cpu")
+
+    def step(s, t, n):
+        return kdkernels.divergence(s, t, num_items=n, backend=backend)
+
+    fn = torch.compile(step, fullgraph=True, backend=compiler)
+    good = fn(s, t, torch.tensor(8.0))
+    torch.testing.assert_close(good, step(s, t, torch.tensor(8.0)))
+    for n in (0.0, -4.0, float("inf"), float("nan")):
+        assert fn(s, t, torch.tensor(n)).isnan(), n

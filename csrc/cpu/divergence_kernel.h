@@ -1,8 +1,10 @@
 // Row kernel of the divergence family, written once with ATen's Vectorized<float> and
 // compiled per instruction set: the including file defines CPU_CAPABILITY(_X) and
 // KD_ROWS_FN. Math and names follow kdkernels/triton_kernels/divergence.py:
-//   pass 1  rows → fp32 scratch X (P logits / T) and Y (Q logits / T), padded with −inf; maxima
-//   pass 2  EX = exp(X − max X), EY = exp(Y − max Y) and their sums → log-sum-exps
+//   pass 1  rows → fp32 scratch X (P logits) and Y (Q logits), padded with −inf; maxima
+//   pass 2  X ← (X − max X)/T, Y likewise (the maximum subtracted in input units, so tiny T
+//           loses nothing), EX = exp(X), EY = exp(Y) and their sums → log-sum-exps. A row whose
+//           sums are not > 0 (NaN or +inf inputs, or all −inf) gets NaN loss and gradients.
 //           KL: also Σ e^x·(x − y) (x, y relative to their maxima), which gives the loss:
 //           KL(P‖Q) = Σe^x(x−y)/Zx − log Zx + log Zy; then one gradient pass
 //           (g_Q = Q − P, g_P = P·(log P − log Q − KL)) and done
@@ -34,26 +36,32 @@ inline Vec xlr(const Vec& x, const Vec& lx, const Vec& ly) {  // x·(lx − ly),
   return Vec::blendv(Vec(0.f), x * (lx - ly), x > Vec(0.f));
 }
 
-inline Vec log_mix_logspace(float log_w, float log_1mw, const Vec& lx, const Vec& ly) {
-  // log(w·x + (1−w)·y) from log x, log y, in log space: no log 0 when both underflow.
+// y·φ(v) = x·v − x + y, v = log x − log y: the term of KL(x‖y) that is ≥ 0 (see
+// kdkernels/reference/divergence.py kl_term): the series Σ_{n≥2} (n−1)/n!·vⁿ for |v| < 1/2,
+// else x·(v − 1) + y; y where x == 0.
+inline Vec kl_term(const Vec& x, const Vec& y, const Vec& v) {
+  const Vec small = v.abs() < Vec(0.5f);
+  const Vec vs = Vec::blendv(Vec(0.f), v, small);
+  Vec poly = vs * Vec(1.f / 45360.f) + Vec(1.f / 5760.f);
+  poly = poly * vs + Vec(1.f / 840.f);
+  poly = poly * vs + Vec(1.f / 144.f);
+  poly = poly * vs + Vec(1.f / 30.f);
+  poly = poly * vs + Vec(1.f / 8.f);
+  poly = poly * vs + Vec(1.f / 3.f);
+  poly = poly * vs + Vec(0.5f);
+  const Vec big = x * (Vec::blendv(v, Vec(0.f), small) - Vec(1.f)) + y;
+  return Vec::blendv(y, Vec::blendv(big, y * poly * vs * vs, small), x > Vec(0.f));
+}
+
+inline Vec log_mix(float log_w, float log_1mw, const Vec& lx, const Vec& ly) {
+  // log(w·x + (1−w)·y) from log x, log y, in log space: no log 0 when both underflow, and the
+  // rounding of log x and log y cancels in log x − log m (the log of the linear mixture adds
+  // an ulp of |log m|, which made JSD and skew losses up to 45x less exact than fp32 PyTorch).
   const Vec u = lx + Vec(log_w), v = ly + Vec(log_1mw);
   const Vec hi = at::vec::maximum(u, v), lo = at::vec::minimum(u, v);
   const Vec hi_is_ninf = hi == Vec(kNegInf);
   const Vec safe_hi = Vec::blendv(hi, Vec(0.f), hi_is_ninf);
   return Vec::blendv(hi + (lo - safe_hi).exp().log1p(), hi, hi_is_ninf);
-}
-
-inline Vec log_mix(float w, float log_w, float log_1mw, const Vec& x, const Vec& y, const Vec& lx,
-                   const Vec& ly) {
-  // log(w·x + (1−w)·y): one log where the mixture is a normal float (as exact as the log-space
-  // form, at a third of the cost); the log-space form in the lanes where it underflows.
-  const Vec m = Vec(w) * x + Vec(1.f - w) * y;
-  const Vec tiny = m < Vec(1e-30f);
-  Vec lm = m.log();
-  if (tiny.zero_mask() != (1 << kW) - 1) {  // some lane is tiny
-    lm = Vec::blendv(lm, log_mix_logspace(log_w, log_1mw, lx, ly), tiny);
-  }
-  return lm;
 }
 
 void store_row_any(c10::ScalarType dt, void* base, int64_t row, int64_t n, const float* src) {
@@ -74,6 +82,20 @@ void zero_row_any(c10::ScalarType dt, void* base, int64_t row, int64_t n) {
   std::memset(static_cast<char*>(base) + row * n * bytes, 0, n * bytes);
 }
 
+void nan_row_any(c10::ScalarType dt, void* base, int64_t row, int64_t n) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  switch (dt) {
+    case c10::ScalarType::Float:
+      std::fill_n(static_cast<float*>(base) + row * n, n, nan);
+      return;
+    case c10::ScalarType::BFloat16:
+      std::fill_n(static_cast<c10::BFloat16*>(base) + row * n, n, c10::BFloat16(nan));
+      return;
+    default:
+      std::fill_n(static_cast<c10::Half*>(base) + row * n, n, c10::Half(nan));
+  }
+}
+
 // P, Q, U_P, U_Q and the loss term of one vector of a row (see the file comment).
 struct Terms {
   Vec p, q, up, uq, el;
@@ -86,17 +108,19 @@ inline Terms terms(const Vec& x, const Vec& y, const Vec& ex, const Vec& ey, flo
   const Vec lp = x - Vec(lse_x), lq = y - Vec(lse_y);
   const Vec p = ex * Vec(inv_zx), q = ey * Vec(inv_zy);
   if constexpr (kMode == kKL) {
-    const Vec up = xlr(p, lp, lq);
-    return Terms{p, q, up, Vec(0.f) - p, up};
+    return Terms{p, q, xlr(p, lp, lq), Vec(0.f) - p, kl_term(p, q, lp - lq)};
   } else if constexpr (kMode == kSkew) {
-    const Vec lr = log_mix(mix, log_w, log_1mw, p, q, lp, lq);
-    const Vec el = xlr(p, lp, lr);
+    const Vec lr = log_mix(log_w, log_1mw, lp, lq);
     const Vec p_over_r = Vec::blendv(Vec(0.f), (lp - lr).exp(), p > Vec(0.f));  // ≤ 1/α
-    return Terms{p, q, el - Vec(mix) * p * p_over_r, q * p_over_r, el};
+    const Vec r = Vec(mix) * p + Vec(1.f - mix) * q;
+    return Terms{p, q, xlr(p, lp, lr) - Vec(mix) * p * p_over_r, q * p_over_r,
+                 kl_term(p, r, lp - lr)};
   } else if constexpr (kMode == kJSD) {
-    const Vec lm = log_mix(mix, log_w, log_1mw, p, q, lp, lq);
+    const Vec lm = log_mix(log_w, log_1mw, lp, lq);
     const Vec up = xlr(p, lp, lm), uq = xlr(q, lq, lm);
-    return Terms{p, q, up, uq, Vec(mix) * up + Vec(1.f - mix) * uq};
+    const Vec m = Vec(mix) * p + Vec(1.f - mix) * q;
+    return Terms{p, q, up, uq,
+                 Vec(mix) * kl_term(p, m, lp - lm) + Vec(1.f - mix) * kl_term(q, m, lq - lm)};
   } else {  // TVD
     const Vec sg = ((p > q) & Vec(1.f)) - ((p < q) & Vec(1.f));
     return Terms{p, q, p * sg, q * sg, Vec(0.5f) * (p - q).abs()};
@@ -161,7 +185,7 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
   const bool grad_s = p.grad_student != nullptr, grad_t = p.grad_teacher != nullptr;
   const bool need_p = p.swap ? grad_s : grad_t, need_q = p.swap ? grad_t : grad_s;
   const float log_w = std::log(p.mix), log_1mw = std::log1p(-p.mix);
-  const bool scale = p.temperature != 1.f || p.taid;
+  const float inv_t = 1.f / p.temperature;
 
   for (int64_t i = begin; i < end; ++i) {
     const float w = p.row_weight[i];
@@ -172,7 +196,7 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
       continue;
     }
     // pass 1: rows → fp32 scratch (student and teacher rows are X, Y in either order), padded
-    // with −inf; TAID; / temperature; maxima. This is the one read of the inputs from memory.
+    // with −inf; TAID; maxima. This is the one read of the inputs from memory.
     float* student_row = p.swap ? X : Y;
     float* teacher_row = p.swap ? Y : X;
     const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, student_row);
@@ -180,12 +204,8 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     Vec ms(kNegInf), mt(kNegInf);
     for (int64_t j = 0; j < Vp; j += kW) {
       Vec s = load_padded(s_in, j, V), t = load_padded(t_in, j, V);
-      if (scale) {
-        if (p.taid) {  // TAID target λ·t + (1−λ)·s (0 < λ < 1: −inf entries stay −inf)
-          t = p.lam == 0.f ? s : Vec(p.lam) * t + Vec(1.f - p.lam) * s;
-        }
-        s = s / Vec(p.temperature);
-        t = t / Vec(p.temperature);
+      if (p.taid) {  // TAID target λ·t + (1−λ)·s (0 < λ < 1: −inf entries stay −inf)
+        t = p.lam == 0.f ? s : Vec(p.lam) * t + Vec(1.f - p.lam) * s;
       }
       s.store(student_row + j);
       t.store(teacher_row + j);
@@ -215,8 +235,14 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
         prefetch_part(next_s, s_bytes, j / (2 * kW), steps);
         if (kMode == kKL) prefetch_part(next_t, t_bytes, j / (2 * kW), steps);
       }
-      const Vec x0 = Vec::loadu(X + j) - Vec(sx), y0 = Vec::loadu(Y + j) - Vec(sy);
-      const Vec x1 = Vec::loadu(X + j + kW) - Vec(sx), y1 = Vec::loadu(Y + j + kW) - Vec(sy);
+      const Vec x0 = (Vec::loadu(X + j) - Vec(sx)) * Vec(inv_t);
+      const Vec y0 = (Vec::loadu(Y + j) - Vec(sy)) * Vec(inv_t);
+      const Vec x1 = (Vec::loadu(X + j + kW) - Vec(sx)) * Vec(inv_t);
+      const Vec y1 = (Vec::loadu(Y + j + kW) - Vec(sy)) * Vec(inv_t);
+      x0.store(X + j);  // from here on X, Y hold (logit − max)/T
+      y0.store(Y + j);
+      x1.store(X + j + kW);
+      y1.store(Y + j + kW);
       const Vec ex0 = x0.exp(), ey0 = y0.exp(), ex1 = x1.exp(), ey1 = y1.exp();
       ex0.store(EX + j);
       ey0.store(EY + j);
@@ -232,8 +258,15 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
       }
     }
     const double zxd = reduce_sum(zx0) + reduce_sum(zx1), zyd = reduce_sum(zy0) + reduce_sum(zy1);
-    const float lse_x = sx + static_cast<float>(std::log(zxd));
-    const float lse_y = sy + static_cast<float>(std::log(zyd));
+    if (!(zxd > 0.0) || !(zyd > 0.0)) {  // the NaN rule: no distribution on one side
+      p.loss_rows[i] = std::numeric_limits<float>::quiet_NaN();
+      if (grad_s) nan_row_any(p.grad_student_dtype, p.grad_student, i, V);
+      if (grad_t) nan_row_any(p.grad_teacher_dtype, p.grad_teacher, i, V);
+      continue;
+    }
+    // log-sum-exps of the max-relative X, Y
+    const float lse_x = static_cast<float>(std::log(zxd));
+    const float lse_y = static_cast<float>(std::log(zyd));
     const float inv_zx = static_cast<float>(1.0 / zxd), inv_zy = static_cast<float>(1.0 / zyd);
 
     // Gradients go straight into fp32 outputs, else through EX (P side) / EY (Q side).
@@ -252,21 +285,26 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
     float* gq = GQ ? GQ : EY;
 
     if constexpr (kMode == kKL) {
-      // KL(P‖Q) = Σ P·(lP − lQ) = Σ e^x·(x − y)/Zx − log Zx + log Zy  (x, y max-relative)
+      // The loss is Σ Q·φ(lP − lQ) (kl_term), summed in the one gradient pass (a pass of its
+      // own when no gradient is wanted). The gradients need KL only at fp32 precision, in
+      // closed form: KL = Σ e^x·(x − y)/Zx − log Zx + log Zy (x, y max-relative).
       const double kl = (reduce_sum(a0) + reduce_sum(a1)) / zxd - std::log(zxd) + std::log(zyd);
-      p.loss_rows[i] = static_cast<float>(w * kl);
-      // one gradient pass: g_Q = Q − P;  g_P = P·(lP − lQ − KL)
+      // g_Q = Q − P;  g_P = P·(lP − lQ − KL)
       const float log_ratio_z = static_cast<float>(std::log(zyd) - std::log(zxd) - kl);
-      if (need_p || need_q) {
-        for (int64_t j = 0; j < Vp; j += kW) {
-          const Vec pv = Vec::loadu(EX + j) * Vec(inv_zx), qv = Vec::loadu(EY + j) * Vec(inv_zy);
-          if (need_q) store_stream((qv - pv) * Vec(q_factor), gq + j);
-          if (need_p) {
-            const Vec d = (Vec::loadu(X + j) - Vec(sx)) - (Vec::loadu(Y + j) - Vec(sy));
-            store_stream(Vec(p_factor) * xlr(pv, d + Vec(log_ratio_z), Vec(0.f)), gp + j);
-          }
+      Vec acc0(0.f), acc1(0.f);
+      for (int64_t j = 0; j < Vp; j += 2 * kW) {
+        for (int k = 0; k < 2; ++k) {
+          const int64_t jk = j + k * kW;
+          const Vec xv = Vec::loadu(X + jk), yv = Vec::loadu(Y + jk);
+          const Vec pv = Vec::loadu(EX + jk) * Vec(inv_zx), qv = Vec::loadu(EY + jk) * Vec(inv_zy);
+          const Vec term = kl_term(pv, qv, (xv - Vec(lse_x)) - (yv - Vec(lse_y)));
+          if (k == 0) acc0 = acc0 + term;
+          else acc1 = acc1 + term;
+          if (need_q) store_stream((qv - pv) * Vec(q_factor), gq + jk);
+          if (need_p) store_stream(Vec(p_factor) * xlr(pv, xv - yv + Vec(log_ratio_z), Vec(0.f)), gp + jk);
         }
       }
+      p.loss_rows[i] = static_cast<float>(w * (reduce_sum(acc0) + reduce_sum(acc1)));
     } else {  // other modes: passes 3 and 4
       // pass 3: the loss and ΣU
       Vec acc_el[2] = {Vec(0.f), Vec(0.f)}, acc_up[2] = {Vec(0.f), Vec(0.f)},

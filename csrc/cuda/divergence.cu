@@ -139,23 +139,39 @@ __device__ __forceinline__ float log_mix(const RowStats& st, float lp, float lq)
   return hi == kNegInf ? kNegInf : hi + log1pf(fast_exp2((lo - hi) * kLog2e));
 }
 
+// y·φ(v) = x·v − x + y, v = log x − log y: the term of KL(x‖y) that is ≥ 0, so a row's loss
+// sums without cancellation as P and Q approach each other (kdkernels/reference/divergence.py
+// kl_term): the series Σ_{n≥2} (n−1)/n!·vⁿ for |v| < 1/2, else x·(v − 1) + y; y where x == 0.
+__device__ __forceinline__ float kl_term(float x, float y, float v) {
+  if (!(x > 0.f)) return y;
+  if (fabsf(v) >= 0.5f) return fmaf(x, v - 1.f, y);
+  float poly = fmaf(v, 1.f / 45360.f, 1.f / 5760.f);
+  poly = fmaf(poly, v, 1.f / 840.f);
+  poly = fmaf(poly, v, 1.f / 144.f);
+  poly = fmaf(poly, v, 1.f / 30.f);
+  poly = fmaf(poly, v, 1.f / 8.f);
+  poly = fmaf(poly, v, 1.f / 3.f);
+  poly = fmaf(poly, v, 0.5f);
+  return y * poly * v * v;
+}
+
 template <int kMode>
 __device__ __forceinline__ Terms terms(float ax, float ay, const RowStats& st, float mix) {
   const float dx = ax - st.m_x, dy = ay - st.m_y;  // −inf for −inf logits: P = 0, log P = −inf
   const float p = fast_exp2(fmaf(dx, st.c2, -st.l2z_x)), q = fast_exp2(fmaf(dy, st.c2, -st.l2z_y));
   const float lp = fmaf(dx, st.c, -st.lz_x), lq = fmaf(dy, st.c, -st.lz_y);
   if constexpr (kMode == kKL) {
-    const float up = xlr(p, lp, lq);
-    return {p, q, up, -p, up};
+    return {p, q, xlr(p, lp, lq), -p, kl_term(p, q, lp - lq)};
   } else if constexpr (kMode == kSkew) {
     const float lr = log_mix(st, lp, lq);
-    const float el = xlr(p, lp, lr);
     const float p_over_r = p > 0.f ? fast_exp2((lp - lr) * kLog2e) : 0.f;  // ≤ 1/α
-    return {p, q, el - mix * p * p_over_r, q * p_over_r, el};
+    const float r = fmaf(mix, p, (1.f - mix) * q);
+    return {p, q, xlr(p, lp, lr) - mix * p * p_over_r, q * p_over_r, kl_term(p, r, lp - lr)};
   } else if constexpr (kMode == kJSD) {
     const float lm = log_mix(st, lp, lq);
-    const float up = xlr(p, lp, lm), uq = xlr(q, lq, lm);
-    return {p, q, up, uq, mix * up + (1.f - mix) * uq};
+    const float m = fmaf(mix, p, (1.f - mix) * q);
+    return {p, q, xlr(p, lp, lm), xlr(q, lq, lm),
+            mix * kl_term(p, m, lp - lm) + (1.f - mix) * kl_term(q, m, lq - lm)};
   } else {  // TVD
     const float sg = p > q ? 1.f : (p < q ? -1.f : 0.f);
     return {p, q, p * sg, q * sg, 0.5f * fabsf(p - q)};
@@ -164,9 +180,13 @@ __device__ __forceinline__ Terms terms(float ax, float ay, const RowStats& st, f
 
 // ---------------------------------------------------------------- block reductions
 // Sums of exponentials in input units: z = Σ 2^((x − m)·c2) with c2 = log2(e)/T.
+// A NaN in z (a NaN or +inf logit was seen) survives every merge: the NaN rule.
 __device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2, float c2) {
   const float mn = fmaxf(m, m2);
-  if (mn == kNegInf) return;  // both empty
+  if (mn == kNegInf) {  // both empty: z and z2 are 0, or NaN
+    z += z2;
+    return;
+  }
   z = z * fast_exp2((m - mn) * c2) + z2 * fast_exp2((m2 - mn) * c2);
   m = mn;
 }
@@ -284,7 +304,11 @@ __device__ __forceinline__ float row_sweeps(const DivergenceArgs& a, float w, co
     float mn = m;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) mn = fmaxf(mn, v[i]);
-    if (mn == kNegInf) return;  // nothing but −inf so far
+    if (mn == kNegInf) {  // nothing but −inf so far, or NaN (which fmaxf passes over)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) z += v[i] == kNegInf ? 0.f : v[i];  // NaN stays NaN
+      return;
+    }
     if (mn != m) z *= fast_exp2((m - mn) * st.c2);  // 0 while m is −inf (z is 0 then too)
     m = mn;
 #pragma unroll
@@ -296,6 +320,9 @@ __device__ __forceinline__ float row_sweeps(const DivergenceArgs& a, float w, co
     online(m_y, z_y, y);
   }
   reduce.lse(m_x, z_x, m_y, z_y, st.c2);
+  // The NaN rule: a row whose inputs hold NaN or +inf (z is NaN) or that has no distribution
+  // (all −inf: z = 0) gets NaN loss and NaN gradients, through its weight.
+  if (!(z_x > 0.f) || !(z_y > 0.f)) w = NAN;
   st.m_x = m_x == kNegInf ? 0.f : m_x;
   st.m_y = m_y == kNegInf ? 0.f : m_y;
   st.lz_x = logf(z_x);

@@ -43,8 +43,10 @@ def take_handed_over(ctx):
 def scale(grad, grad_loss, reduce, dtype):
     """grad (N, V) times the incoming gradient (a scalar if reduce, else one per row), in the
     input's dtype. The factor is never rounded to the gradient's dtype first (a GradScaler's
-    2^16 is inf in fp16); fp16 gradients arrive in fp32 and are rounded once, at the end."""
-    if grad.numel() == 0 or grad_loss is None:
+    2^16 is inf in fp16); fp16 gradients arrive in fp32 and are rounded once, at the end.
+    A gradient that was not asked for is the kernels' 1-d placeholder of shape (0,): None; an
+    asked one with no rows, (0, V), is returned as such (autograd then sets a (0, V) .grad)."""
+    if grad_loss is None or grad.dim() == 1:
         return None
     factor = grad_loss if reduce else grad_loss.unsqueeze(-1)
     if not (eager(grad) and eager(grad_loss)):

@@ -17,12 +17,21 @@ and the kinds
     skew_rkl  KL(q ‖ αq + (1−α)p)
 The T² factor, masks and reductions are applied by the caller (kdkernels/_plumbing.py).
 
-0·log 0 = 0: a term x·(log x − log y) is 0 wherever x == 0, with a zero gradient there,
-so −inf logits and underflowing tails never produce NaN.
+Every KL is summed as Σ y·φ(log x − log y), terms ≥ 0 (kl_term): as T grows and p, q approach
+each other, the plain Σ x·log(x/y) would lose its digits to cancellation. 0·log 0 = 0: a term is
+y wherever x == 0, with a zero gradient through log x, so −inf logits and underflowing tails
+never produce NaN.
+
+The NaN rule: a row whose logits hold NaN or +inf, or that has no distribution (all −inf),
+in either input, has no divergence: its loss is NaN, and so is its gradient row.
+log softmax(x/T) is computed as (x − max x)/T − log Σ e^((x − max x)/T): the maximum is
+subtracted in input units, so tiny temperatures lose no digits (x/T − max(x/T) would).
 """
 import math
 
 import torch
+
+from .._plumbing import nan_rows
 
 KINDS = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl")
 
@@ -31,17 +40,46 @@ KINDS = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl")
 _LOG_FLOOR = -1e30
 
 
-def _xlog_ratio(x, lx, ly):
-    """Elementwise x·(lx − ly), defined as 0 (value and gradient) where x == 0."""
+# φ(v) = v·e^v − e^v + 1 = Σ_{n≥2} (n−1)/n!·v^n, the coefficients of v² … v⁹ (|v| < 1/2: the
+# truncation is below 3e-8 of φ).
+PHI_SERIES = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840, 1 / 5760, 1 / 45360)
+
+
+def kl_term(x, y, v):
+    """y·φ(v) = x·v − x + y for probabilities x, y and v = log x − log y: the per-element term
+    of KL(x‖y) = Σ x·log(x/y), plus y − x (which sums to 0 over a row). Every term is ≥ 0, so
+    the row sum has no cancellation: as p and q approach each other (a large T) the plain
+    Σ x·log(x/y) loses its digits to terms of both signs, this does not. For |v| < 1/2 the
+    series (x·v − x + y cancels there), else x·(v − 1) + y. x = 0: y (no NaN from 0·−inf,
+    zero gradient to v); y = 0 < x: +inf."""
+    small = v.abs() < 0.5
+    vs = torch.where(small, v, 0.0)
+    poly = torch.zeros_like(vs)
+    for c in reversed(PHI_SERIES):
+        poly = poly * vs + c
     live = x > 0
-    lx = torch.where(live, lx, 0.0)
-    ly = torch.where(live, ly, 0.0)
-    return torch.where(live, x * (lx - ly), 0.0)
+    vl = torch.where(live & ~small, v, 0.0)
+    return torch.where(live, torch.where(small, y * poly * vs * vs, x * (vl - 1.0) + y), y)
+
+
+def _plain(x, lx, ly):
+    """x·(lx − ly), 0 (value and gradient) where x == 0."""
+    live = x > 0
+    return torch.where(live, x * (torch.where(live, lx, 0.0) - torch.where(live, ly, 0.0)), 0.0)
+
+
+def _kl_sum(x, y, lx, ly):
+    """Σ over the row of the KL terms of (x, y) = (p, q) or (p, m) and so on, whose y·φ terms
+    sum to the KL without cancellation. The value is that sum; the gradient is autograd's
+    through the plain Σ x·log(x/y), the same function (the two differ by Σ(y − x), identically
+    0), whose derivative U − P·ΣU is also the closed form the kernels compute."""
+    plain = _plain(x, lx, ly).sum(-1)
+    return plain + (kl_term(x, y, lx - ly).sum(-1) - plain).detach()
 
 
 def _kl(lx, ly):
     """KL(x‖y) per row from log-probabilities."""
-    return _xlog_ratio(lx.exp(), lx, ly).sum(-1)
+    return _kl_sum(lx.exp(), ly.exp(), lx, ly)
 
 
 def _log_mix(w, lx, ly):
@@ -49,6 +87,17 @@ def _log_mix(w, lx, ly):
     return torch.logaddexp(
         math.log(w) + lx.clamp_min(_LOG_FLOOR), math.log1p(-w) + ly.clamp_min(_LOG_FLOOR)
     )
+
+
+def log_softmax(x, temperature):
+    """log softmax(x/T) over the last dim, the maximum subtracted before dividing by T, and
+    whether each row has a distribution (its log-sum-exp is finite: no NaN, no +inf, not all
+    −inf)."""
+    m = x.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # NaN / ±inf rows: left to show in the lse
+    a = (x - m) / temperature
+    lse = torch.logsumexp(a, -1, keepdim=True)
+    return a - lse, torch.isfinite(lse).squeeze(-1)
 
 
 def taid_target(student, teacher, taid_t):
@@ -86,17 +135,21 @@ def divergence_rows(student, teacher, *, kind="fkl", temperature=1.0, beta=0.5, 
     t = teacher.to(dtype)
     if taid_t is not None:
         t = taid_target(s, t, taid_t)
-    lq = torch.log_softmax(s / temperature, dim=-1)  # student log-probabilities
-    lp = torch.log_softmax(t / temperature, dim=-1)  # teacher log-probabilities
+    lq, q_ok = log_softmax(s, temperature)  # student log-probabilities
+    lp, p_ok = log_softmax(t, temperature)  # teacher log-probabilities
+    loss = _rows(lp, lq, canonical_kind(kind, beta, skew), beta, skew)
+    return nan_rows(loss, ~(p_ok & q_ok), student, teacher)
 
-    kind = canonical_kind(kind, beta, skew)
+
+def _rows(lp, lq, kind, beta, skew):
     if kind == "fkl":
         return _kl(lp, lq)
     if kind == "rkl":
         return _kl(lq, lp)
     if kind == "jsd":
         lm = _log_mix(beta, lp, lq)
-        return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
+        m = lm.exp()
+        return beta * _kl_sum(lp.exp(), m, lp, lm) + (1.0 - beta) * _kl_sum(lq.exp(), m, lq, lm)
     if kind == "tvd":
         return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
     if kind == "skew_fkl":

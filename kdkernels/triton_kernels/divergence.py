@@ -1,6 +1,7 @@
 """Triton kernels of the divergence family: one program per row, three sweeps over it.
 
-    sweep 1  online log-sum-exp of both rows (each block: one max, one rescale)
+    sweep 1  online log-sum-exp of both rows (each block: one max, one rescale), in input
+             units: every exponent is (logit − row max)/T
     sweep 2  per-element terms U_P, U_Q and the loss; their row sums
     sweep 3  the gradients   g_P = c_P·(U_P − P·ΣU_P),   g_Q = c_Q·(U_Q − Q·ΣU_Q)
              (for KL with only the Q side wanted, the usual case, g_Q = Q − P is written
@@ -15,7 +16,9 @@ P_k g_k) with g = ∂L/∂P; U_P = c_P⁻¹·P⊙g in closed form, per mode:
     SKEW  U_P = P(lP − lR) − α·P²/R              U_Q = Q·P/R              c = (1, −(1−α))
     JSD   U_P = P(lP − lM)                       U_Q = Q(lQ − lM)         c = (β, 1−β)
     TVD   U_P = P·sign(P−Q)                      U_Q = Q·sign(P−Q)        c = (½, −½)
-Every x·log-ratio term is 0 where x == 0, so −inf logits and underflow never give NaN.
+The loss sums KL terms in the form y·φ(log x − log y) ≥ 0 (_kl_term), which does not cancel
+as P and Q approach each other. Every x·log-ratio term is 0 where x == 0, so −inf logits and
+underflow never give NaN.
 """
 import torch
 import triton
@@ -27,9 +30,9 @@ MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
 
 
 @triton.jit
-def _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP: tl.constexpr, TAID: tl.constexpr):
-    """Logits of P and Q at `cols`, divided by the temperature, in fp32 (−inf past V).
-    v_live is V for a kept row and 0 for a dropped one, which is then never read."""
+def _load_pq(S, T, cols, v_live, live, lam, SWAP: tl.constexpr, TAID: tl.constexpr):
+    """Logits of P and Q at `cols` in input units, fp32 (−inf past V). v_live is V for a kept
+    row and 0 for a dropped one, which is then never read."""
     s = tl.load(S + cols, mask=cols < v_live, other=float("-inf")).to(tl.float32)
     t = tl.load(T + cols, mask=cols < v_live, other=float("-inf")).to(tl.float32)
     if TAID:  # TAID target λ·t + (1−λ)·s (0 < λ < 1: −inf entries stay −inf); λ = 0: s
@@ -37,15 +40,18 @@ def _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP: tl.constexpr, TAI
     s = tl.where(live, s, 0.0)  # a dropped row is never read; keep its math finite
     t = tl.where(live, t, 0.0)
     if SWAP:
-        return s / temperature, t / temperature
-    return t / temperature, s / temperature
+        return s, t
+    return t, s
 
 
 @triton.jit
-def _lse_update(m, z, x):
+def _lse_update(m, z, x, inv_t):
+    """Online log-sum-exp of x/T in input units: m the running maximum of x, z = Σ e^((x−m)/T).
+    Differences to the maximum are taken before the division by T, so no precision is lost
+    at tiny T; NaN and +inf make z NaN."""
     m_new = tl.maximum(m, tl.max(x, 0))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z = z * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+    z = z * tl.exp((m - shift) * inv_t) + tl.sum(tl.exp((x - shift) * inv_t), 0)
     return m_new, z
 
 
@@ -53,6 +59,24 @@ def _lse_update(m, z, x):
 def _xlr(x, lx, ly):
     """x·(lx − ly), 0 where x == 0."""
     return tl.where(x > 0.0, x * (lx - ly), 0.0)
+
+
+@triton.jit
+def _kl_term(x, y, v):
+    """y·φ(v) = x·v − x + y, v = log x − log y: the term of KL(x‖y) that is ≥ 0 (see
+    kdkernels/reference/divergence.py kl_term): the series for |v| < 1/2, else x·(v − 1) + y;
+    y where x == 0."""
+    small = tl.abs(v) < 0.5
+    vs = tl.where(small, v, 0.0)
+    poly = vs * (1.0 / 45360.0) + 1.0 / 5760.0
+    poly = poly * vs + 1.0 / 840.0
+    poly = poly * vs + 1.0 / 144.0
+    poly = poly * vs + 1.0 / 30.0
+    poly = poly * vs + 1.0 / 8.0
+    poly = poly * vs + 1.0 / 3.0
+    poly = poly * vs + 0.5
+    big = x * (tl.where(small, 0.0, v) - 1.0) + y
+    return tl.where(x > 0.0, tl.where(small, y * poly * vs * vs, big), y)
 
 
 @triton.jit
@@ -71,29 +95,33 @@ def _log_mix(log_w, log_1mw, lx, ly):
 
 
 @triton.jit
-def _terms(x, y, m_x, m_y, inv_z_x, inv_z_y, lse_x, lse_y, mix, log_w, log_1mw,
+def _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y, mix, log_w, log_1mw,
            MODE: tl.constexpr):
-    """P, Q, U_P, U_Q and the loss terms of one block. P = exp(x − max)/Z rather than
-    exp(x − lse): the exponent stays near 0 where P is large, so tl.exp is exact there."""
-    lp = x - lse_x
-    lq = y - lse_y
-    p = tl.exp(x - m_x) * inv_z_x
-    q = tl.exp(y - m_y) * inv_z_y
+    """P, Q, U_P, U_Q and the loss terms of one block of logits x (P's), y (Q's) in input
+    units. With a = (x − max)/T: log P = a − log Z and P = e^a/Z rather than e^(log P): the
+    exponent stays near 0 where P is large, so tl.exp is exact there."""
+    a_x = (x - m_x) * inv_t
+    a_y = (y - m_y) * inv_t
+    lp = a_x - log_z_x
+    lq = a_y - log_z_y
+    p = tl.exp(a_x) * inv_z_x
+    q = tl.exp(a_y) * inv_z_y
     if MODE == 0:  # KL(P‖Q)
         up = _xlr(p, lp, lq)
         uq = -p
-        el = up
+        el = _kl_term(p, q, lp - lq)
     elif MODE == 1:  # KL(P ‖ αP + (1−α)Q)
         lr = _log_mix(log_w, log_1mw, lp, lq)
-        el = _xlr(p, lp, lr)
+        el = _kl_term(p, mix * p + (1.0 - mix) * q, lp - lr)
         p_over_r = tl.where(p > 0.0, tl.exp(lp - lr), 0.0)  # ≤ 1/α
-        up = el - mix * p * p_over_r
+        up = _xlr(p, lp, lr) - mix * p * p_over_r
         uq = q * p_over_r
     elif MODE == 2:  # β·KL(P‖M) + (1−β)·KL(Q‖M)
         lm = _log_mix(log_w, log_1mw, lp, lq)
         up = _xlr(p, lp, lm)
         uq = _xlr(q, lq, lm)
-        el = mix * up + (1.0 - mix) * uq
+        m = mix * p + (1.0 - mix) * q
+        el = mix * _kl_term(p, m, lp - lm) + (1.0 - mix) * _kl_term(q, m, lq - lm)
     else:  # ½Σ|P − Q|
         sg = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
         up = p * sg
@@ -106,7 +134,7 @@ def _terms(x, y, m_x, m_y, inv_z_x, inv_z_y, lse_x, lse_y, mix, log_w, log_1mw,
 def _divergence_fwd_kernel(
     S, T, W, LOSS, GS, GT,
     s_stride, t_stride, gs_stride, gt_stride, V,
-    temperature, mix, lam, c_p, c_q, gs_factor, gt_factor,
+    inv_t, mix, lam, c_p, c_q, gs_factor, gt_factor,
     MODE: tl.constexpr, SWAP: tl.constexpr, TAID: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, FUSED_Q: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -129,11 +157,14 @@ def _divergence_fwd_kernel(
     z_y = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + offs
-        x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
-        m_x, z_x = _lse_update(m_x, z_x, x)
-        m_y, z_y = _lse_update(m_y, z_y, y)
-    lse_x = m_x + tl.log(z_x)
-    lse_y = m_y + tl.log(z_y)
+        x, y = _load_pq(S, T, cols, v_live, live, lam, SWAP, TAID)
+        m_x, z_x = _lse_update(m_x, z_x, x, inv_t)
+        m_y, z_y = _lse_update(m_y, z_y, y, inv_t)
+    # The NaN rule: a kept row whose inputs hold NaN or +inf (z is NaN) or that has no
+    # distribution (all −inf: z = 0) gets NaN loss and NaN gradients, through its weight.
+    w = tl.where(live & ~((z_x > 0.0) & (z_y > 0.0)), float("nan"), w)
+    log_z_x = tl.log(z_x)
+    log_z_y = tl.log(z_y)
     m_x = tl.where(m_x == float("-inf"), 0.0, m_x)
     m_y = tl.where(m_y == float("-inf"), 0.0, m_y)
     inv_z_x = 1.0 / z_x
@@ -158,9 +189,9 @@ def _divergence_fwd_kernel(
     for start in range(0, V, BLOCK):
         cols = start + offs
         msk = cols < V
-        x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
-        p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_z_x, inv_z_y, lse_x, lse_y, mix, log_w,
-                                     log_1mw, MODE)
+        x, y = _load_pq(S, T, cols, v_live, live, lam, SWAP, TAID)
+        p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y,
+                                  mix, log_w, log_1mw, MODE)
         loss += tl.sum(el, 0)
         sum_up += tl.sum(up, 0)
         sum_uq += tl.sum(uq, 0)
@@ -174,9 +205,9 @@ def _divergence_fwd_kernel(
         for start in range(0, V, BLOCK):
             cols = start + offs
             msk = cols < V
-            x, y = _load_pq(S, T, cols, v_live, live, temperature, lam, SWAP, TAID)
-            p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_z_x, inv_z_y, lse_x, lse_y, mix, log_w,
-                                     log_1mw, MODE)
+            x, y = _load_pq(S, T, cols, v_live, live, lam, SWAP, TAID)
+            p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y,
+                                      mix, log_w, log_1mw, MODE)
             if NEED_P:
                 g = tl.where(live, c_p * (up - p * sum_up) * p_factor, 0.0)
                 tl.store(GP + cols, g.to(GP.dtype.element_ty), mask=msk)
@@ -213,7 +244,7 @@ def divergence_fwd(student, teacher, row_weight, mode, swap, mix, temperature, t
             gt if grad_teacher else loss_rows,
             student.stride(0), teacher.stride(0), v if grad_student else 0,
             v if grad_teacher else 0, v,
-            float(temperature), float(mix), float(taid), c_p, c_q,
+            1.0 / float(temperature), float(mix), float(taid), c_p, c_q,
             1.0 / temperature, float(taid) / temperature,
             MODE=mode, SWAP=bool(swap), TAID=taid != 1.0, GRAD_S=bool(grad_student),
             GRAD_T=bool(grad_teacher), FUSED_Q=mode == MODE_KL and need_q and not need_p,
