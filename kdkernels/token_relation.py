@@ -22,15 +22,26 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
         student_keys, teacher_keys: optional keys of the same layout (the relation is then
             queries vs keys: MiniLM's attention-distribution transfer). Give both or neither.
         temperature: divides the student's relation logits (and the teacher's, unless
-            teacher_temperature is given). similarity: "dot" (F_i·F_j/√d) or "cosine".
+            teacher_temperature is given); each in [1e-6, 10] (P.check_temperature).
+            similarity: "dot" (F_i·F_j/√d) or "cosine".
         loss: "kl" (KL(P_i‖Q_i) per row) or "mse" (Σ_j (P_ij − Q_ij)²).
-        causal: only j ≤ i. mask: (batch, T) bool, True = a real token; padded rows dropped.
+        causal: only j ≤ i. mask: (batch, T) bool, True = a real token; padded rows dropped,
+            padded tokens never read (whatever they hold, NaN included, changes nothing).
         reduction: "mean" over kept rows (and heads), "sum", or "none" → (batch, [R,] T).
         backend: "auto", "reference" (materializes the T×T relation matrices: the spec),
             "cpu" (tiled C++), "triton" (tiled; GPU, or CPU under TRITON_INTERPRET=1). The
             tiled kernels never build a T×T matrix: O(T·d) memory.
 
-    Gradients flow to the student's features (and keys); the teacher's inputs are constants."""
+    Gradients flow to the student's features (and keys); the teacher's inputs are constants.
+
+    NaN rule: its unit is the sequence, per relation head (one T×T relation matrix). Every
+    row's softmax runs over the sequence's keys, so a NaN or ±inf in any real token's
+    features or keys, the student's or the teacher's, makes every kept row of that sequence
+    (that head) NaN, and every real token's gradient row there (features and keys); causal
+    and query/key layouts included. The other sequences and heads stay exact; reduction
+    "mean" / "sum" is then NaN. Batch 0 or T = 0 gives 0 ("mean", "sum") or an empty
+    (batch, [R,] T) ("none"), and zero-sized gradients; d = 0 is refused (no relation logits:
+    0/√0, cosine of empty vectors)."""
     for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor (batch, [R,] T, d), got "
@@ -50,10 +61,9 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
             raise ValueError(f"{name} must have the shape of the matching feats "
                              f"{tuple(feats.shape)}, got "
                              f"{tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__}")
-    temperature = P.check_real("temperature", temperature, low=1e-6, high=1e6)
+    temperature = P.check_temperature("temperature", temperature)
     if teacher_temperature is not None:
-        teacher_temperature = P.check_real("teacher_temperature", teacher_temperature,
-                                           low=1e-6, high=1e6)
+        teacher_temperature = P.check_temperature("teacher_temperature", teacher_temperature)
     P.check_choice("similarity", similarity, SIMILARITIES)
     P.check_choice("loss", loss, LOSSES)
     if not isinstance(causal, bool):
@@ -97,19 +107,24 @@ def _kernel_rows(backend, fs, ft, ks, kt, temperature, teacher_temperature, simi
                  causal, mask):
     """Per-row losses from the tiled kernels: inputs flattened to (batch·R, T, d) sequences;
     cosine similarity becomes a dot product of normalized rows (autograd differentiates the
-    normalization); the scales fold in 1/√d and the temperatures."""
+    normalization; padded tokens are zeroed first, so that no gradient reaches them); the
+    scales fold in 1/√d and the temperatures."""
     heads = fs.shape[1] if fs.dim() == 4 else 1
     teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
 
     seqs = fs.shape[0] * heads
+    m = None if mask is None else (mask.repeat_interleave(heads, 0) if heads > 1 else mask).contiguous()
 
     def prepare(f, k):  # → (S, T, d) features and keys (None: the features are the keys)
         f = f.reshape(seqs, *f.shape[-2:])
         k = None if k is None else k.reshape(seqs, *k.shape[-2:])
         if similarity == "cosine":
             f32 = torch.promote_types(f.dtype, torch.float32)
-            f = torch.nn.functional.normalize(f.to(f32), dim=-1)
-            k = None if k is None else torch.nn.functional.normalize(k.to(f32), dim=-1)
+
+            def unit(x):
+                x = x.to(f32) if m is None else torch.where(m[..., None], x.to(f32), 0.0)
+                return torch.nn.functional.normalize(x, dim=-1)
+            f, k = unit(f), None if k is None else unit(k)
         return f, k
 
     fs_, xs_ = prepare(fs, ks)
@@ -120,7 +135,6 @@ def _kernel_rows(backend, fs, ft, ks, kt, temperature, teacher_temperature, simi
     else:
         scale_s = 1.0 / (math.sqrt(fs.shape[-1]) * temperature)
         scale_t = 1.0 / (math.sqrt(ft.shape[-1]) * teacher_temperature)
-    m = None if mask is None else (mask.repeat_interleave(heads, 0) if heads > 1 else mask).contiguous()
     op = torch.ops.kdkernels.token_relation_fwd_triton if backend == "triton" else \
         torch.ops.kdkernels.token_relation_fwd
     rows, _ = op(fs_, xs_, ft_, xt_, m, scale_s, scale_t, causal, loss == "mse")

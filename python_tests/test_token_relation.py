@@ -1,7 +1,8 @@
 """kdkernels.token_relation_loss: the reference (the spec) against a row-by-row evaluation of
 the definitions; the tiled kernels (cpu, triton) against the reference computed in float64,
 per-row losses and the gradients of the student's features and keys; padding, keys, heads,
-dtypes, extreme values, strided inputs, torch.compile; bad input."""
+dtypes, extreme values, the temperature range's ends, strided inputs, torch.compile; the NaN
+rule (per sequence), empty batches and sequences, double backward; bad input."""
 import math
 
 import pytest
@@ -17,6 +18,7 @@ if HAS_TRITON and TRITON_ON_CPU:
     KERNELS.append(pytest.param("triton", "cpu", id="triton-interp"))
 if HAS_TRITON and HAS_CUDA:
     KERNELS.append(pytest.param("triton", "cuda", id="triton-cuda"))
+BACKENDS = [pytest.param("reference", "cpu", id="reference")] + KERNELS
 
 
 def feats(*shape, seed=0):
@@ -123,11 +125,17 @@ def test_bad_inputs():
     bad(ValueError, "must agree on batch", teacher_feats=feats(3, 5, 6))
     bad(ValueError, r"\(batch, T, d\)", student_feats=feats(5, 4))
     bad(ValueError, "d ≥ 1", student_feats=feats(2, 5, 0))
+    bad(ValueError, "d ≥ 1", teacher_feats=feats(2, 5, 0))
     bad(TypeError, "floating", student_feats=torch.ones(2, 5, 4, dtype=torch.long))
     bad(ValueError, "both student_keys and teacher_keys", student_keys=s)
     bad(ValueError, "student_keys must have the shape", student_keys=feats(2, 5, 3), teacher_keys=t)
     bad(ValueError, "temperature", temperature=0.0)
     bad(ValueError, "teacher_temperature", teacher_temperature=-1.0)
+    bad(ValueError, r"temperature must be a finite number in \[1e-06, 10.0\]", temperature=10.5)
+    bad(ValueError, "temperature", temperature=9e-7)
+    bad(ValueError, "teacher_temperature", teacher_temperature=10.5)
+    bad(ValueError, "teacher_temperature", teacher_temperature=float("nan"))
+    bad(TypeError, "temperature", temperature="1")
     bad(ValueError, "similarity", similarity="l2")
     bad(ValueError, "loss", loss="js")
     bad(ValueError, r"mask must be \(batch, T\)", mask=torch.ones(2, 4, dtype=torch.bool))
@@ -159,8 +167,9 @@ def make_case(batch=2, heads=None, t=64, ds=24, dt=40, keys=False, seed=0, scale
     return fs, ft, ks, kt, mask
 
 
-def evaluate(backend, fs, ft, ks, kt, mask, device="cpu", dtype=None, **kw):
-    """Per-row losses and the gradients (features, keys) of Σ rows·w, w fixed random weights."""
+def evaluate(backend, fs, ft, ks, kt, mask, device="cpu", dtype=None, weights=None, **kw):
+    """Per-row losses and the gradients (features, keys) of Σ rows·w, w fixed random weights
+    (or `weights`)."""
     def put(x):
         if x is None:
             return None
@@ -170,7 +179,8 @@ def evaluate(backend, fs, ft, ks, kt, mask, device="cpu", dtype=None, **kw):
     fs_, ks_ = (None if x is None else put(x).detach().requires_grad_() for x in (fs, ks))
     rows = kdkernels.token_relation_loss(fs_, put(ft), student_keys=ks_, teacher_keys=put(kt),
                                          mask=put(mask), reduction="none", backend=backend, **kw)
-    w = torch.randn(rows.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    w = weights if weights is not None else \
+        torch.randn(rows.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
     (rows * w.to(rows.device, rows.dtype)).sum().backward()
     return [rows.detach().cpu(), fs_.grad.cpu()] + ([ks_.grad.cpu()] if ks is not None else [])
 
@@ -238,12 +248,12 @@ def test_mixed_dtypes_and_strided_inputs(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("scale,temperature", [(30.0, 1.0), (1.0, 1e-3), (1.0, 1e4)])
+@pytest.mark.parametrize("scale,temperature", [(30.0, 1.0), (1.0, 1e-3)])
 def test_kernels_extreme_logits(backend, device, scale, temperature):
-    """Relation logits in the thousands (sharp, one-hot-like rows) and near-uniform rows: the
-    online softmaxes must stay exact and finite. At τ = 1e-3 every logit is 1000× its dot
-    product, so the dot's fp32 rounding alone moves each probability by ~1e-4 relative, in any
-    fp32 evaluation; which of two is nearer float64 is chance (measured over 6 seeds: the
+    """Relation logits in the thousands (sharp, one-hot-like rows): the online softmaxes must
+    stay exact and finite (near-uniform rows: test_temperature_range_ends). At τ = 1e-3 every
+    logit is 1000× its dot product, so the dot's fp32 rounding alone moves each probability by
+    ~1e-4 relative, in any fp32 evaluation; which of two is nearer float64 is chance (measured over 6 seeds: the
     kernels' max error was 0.3–8.7× the fp32 reference's), so that case allows 16×."""
     case = make_case(t=150, seed=8, scale=scale)
     for loss in ("kl", "mse"):
@@ -316,15 +326,6 @@ def test_readme_example_runs():
     run_readme_examples("token-relation-example", expected=1)
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-def test_empty_sequences(backend, device):
-    """T = 0: a 0 loss (and an empty gradient), as the reference gives."""
-    fs = torch.randn(2, 0, 8, device=device, requires_grad=True)
-    value = kdkernels.token_relation_loss(fs, torch.randn(2, 0, 8, device=device), backend=backend)
-    value.backward()
-    assert value.item() == 0 and fs.grad.shape == fs.shape
-
-
 def test_cpu_kernel_under_inductor_with_strided_features():
     """The fake kernels describe the real outputs (contiguous gradients for strided inputs),
     so torch.compile's inductor backend compiles forward and backward."""
@@ -339,3 +340,168 @@ def test_cpu_kernel_under_inductor_with_strided_features():
     fs.grad = None
     torch.compile(fn, fullgraph=True)(fs).backward()
     torch.testing.assert_close(fs.grad, want)
+
+
+# ---- the temperature range, the NaN rule, degenerate shapes, double backward ------------
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("temperature,teacher_temperature",
+                         [(1e-6, None), (10.0, None), (1e-6, 10.0), (10.0, 1e-6)])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("keys", [False, True])
+def test_temperature_range_ends(backend, device, temperature, teacher_temperature, similarity,
+                                keys):
+    """Both ends of the accepted range, [1e-6, 10], for either model: at 1e-6 the relation
+    logits are ~1e6 (one-hot rows; with keys the two models' rows peak at different tokens,
+    KL ~1e6), at 10 near-uniform rows (KL ~1e-2, from differences of logs ~log T). The
+    tolerance rule, unchanged (measured: at most 1.7× the fp32 reference's error)."""
+    case = make_case(t=100, keys=keys, seed=17)
+    for loss in ("kl", "mse"):
+        check(backend, device, case, similarity=similarity, loss=loss, temperature=temperature,
+              teacher_temperature=teacher_temperature)
+
+
+def poisoned_case(heads, keys):
+    """Four sequences (batch 4; or batch 2 × 2 heads), each with padded tokens, and their
+    poisoned copies: sequence 0 gets a NaN in the teacher's features at a real token,
+    sequence 2 a +inf in the student's keys (features without keys) at its last real token
+    (the causal rows before it read nothing non-finite: the unit is still the sequence) and a
+    −inf in the teacher's keys; every sequence gets NaN and ±inf at a padded token, in every
+    input. Returns (clean, poisoned, mask, which sequences are poisoned: (batch, [R]) bool)."""
+    batch, t = (4, 9) if heads is None else (2, 9)
+    lead = (batch,) if heads is None else (batch, heads)
+    g = torch.Generator().manual_seed(21)
+
+    def x(d):
+        return torch.randn(*lead, t, d, generator=g)
+
+    clean = [x(6), x(10), x(6) if keys else None, x(10) if keys else None]  # fs, ft, ks, kt
+    mask = torch.ones(batch, t, dtype=torch.bool)
+    mask[:, 7] = False
+    mask[-1, 3] = False
+    poisoned = [None if v is None else v.clone() for v in clean]
+    flat = [None if v is None else v.view(-1, t, v.shape[-1]) for v in poisoned]  # per sequence
+    for v, value in zip(flat, (float("nan"), float("inf"), float("-inf"), float("nan"))):
+        if v is not None:
+            v[:, 7, 1] = value  # padded in every sequence
+    bad = torch.zeros(flat[0].shape[0], dtype=torch.bool)
+    flat[1][0, 4, 2] = float("nan")
+    flat[2 if keys else 0][2, 8, 0] = float("inf")
+    if keys:
+        flat[3][2, 5, 3] = float("-inf")
+    bad[[0, 2]] = True
+    return clean, poisoned, mask, bad.view(lead)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("keys", [False, True])
+@pytest.mark.parametrize("heads", [None, 2])
+def test_nan_rule_per_sequence(backend, device, similarity, loss, causal, keys, heads):
+    """A sequence (a (batch, head) relation matrix) with a NaN or ±inf in a real token of any
+    input: NaN at every kept row and in every real token's gradient row (features and keys),
+    exact zeros at its padded tokens; the clean sequences as in a batch of only them (with
+    finite values at the padded tokens, against the float64 reference); NaN or ±inf at
+    padded tokens changes nothing; mean and sum are NaN."""
+    clean, poisoned, mask, bad = poisoned_case(heads, keys)
+    kw = dict(similarity=similarity, loss=loss, causal=causal, temperature=0.8,
+              teacher_temperature=1.3)
+    real = (mask if heads is None else mask[:, None]).expand(bad.shape + mask.shape[-1:])
+    weights = torch.randn(real.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = evaluate(backend, *poisoned, mask, device=device, weights=weights, **kw)
+    rows, grads = got[0], got[1:]
+    nan_rows = bad[..., None] & real
+    assert rows[nan_rows].isnan().all() and not rows[~nan_rows].isnan().any()
+    assert (rows[~real] == 0).all()
+    for grad in grads:
+        assert grad[nan_rows].isnan().all(), "a poisoned sequence's real tokens: NaN gradients"
+        assert (grad[~real] == 0).all(), "padded tokens: exact zero gradients"
+        assert torch.isfinite(grad[~nan_rows]).all()
+    # the clean sequences alone (batch rows 1 and 3; or head 1 of both): the same rows and
+    # gradients
+    if heads is None:
+        def pick(v):
+            return v[~bad]
+        sub_mask = mask[~bad]
+    else:
+        assert bad[:, 0].all() and not bad[:, 1].any()
+
+        def pick(v):
+            return v[:, 1:]
+        sub_mask = mask
+    sub = [None if v is None else pick(v) for v in clean] + [sub_mask]
+    want64 = evaluate("reference", *sub, dtype=torch.float64, weights=pick(weights), **kw)
+    want32 = evaluate("reference", *sub, dtype=torch.float32, weights=pick(weights), **kw)
+    for name, a, b, c in zip(["rows", "d_feats", "d_keys"], got, want64, want32):
+        assert_matches(pick(a), b, c, a.dtype, f"{backend} {name}")
+    fs, ft, ks, kt = (None if v is None else v.to(device) for v in poisoned)
+    for reduction in ("mean", "sum"):
+        value = kdkernels.token_relation_loss(fs, ft, student_keys=ks, teacher_keys=kt,
+                                              mask=mask.to(device), reduction=reduction,
+                                              backend=backend, **kw)
+        assert value.isnan(), reduction
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5, 4), (2, 0, 4), (0, 3, 5, 4), (2, 3, 0, 4)],
+                         ids=["batch0", "T0", "batch0-heads", "T0-heads"])
+@pytest.mark.parametrize("keys", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_batches_and_sequences(backend, device, shape, keys, masked):
+    """Batch 0 or T = 0: mean and sum are 0, "none" is an empty (batch, [R,] T); gradients
+    exist, zero-sized, shaped like the inputs (d = 0 is refused: test_bad_inputs)."""
+    g = torch.Generator().manual_seed(4)
+    t_shape = shape[:-1] + (6,)
+    mask = torch.ones(shape[0], shape[-2], dtype=torch.bool, device=device) if masked else None
+    for reduction in ("mean", "sum", "none"):
+        fs = torch.randn(*shape, generator=g).to(device).requires_grad_()
+        ks = torch.randn(*shape, generator=g).to(device).requires_grad_() if keys else None
+        ft = torch.randn(*t_shape, generator=g).to(device)
+        kt = torch.randn(*t_shape, generator=g).to(device) if keys else None
+        value = kdkernels.token_relation_loss(fs, ft, student_keys=ks, teacher_keys=kt, mask=mask,
+                                              reduction=reduction, backend=backend)
+        if reduction == "none":
+            assert value.shape == shape[:-1]
+            value = value.sum()
+        assert value.shape == () and value.item() == 0, reduction
+        value.backward()
+        for x in (fs, ks) if keys else (fs,):
+            assert x.grad is not None and x.grad.shape == x.shape and x.grad.dtype == x.dtype
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_double_backward_is_refused(backend, device):
+    fs = torch.randn(2, 6, 4, device=device, requires_grad=True)
+    value = kdkernels.token_relation_loss(fs, torch.randn(2, 6, 5, device=device), backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(value, fs, create_graph=True)
+
+
+def test_reference_has_second_derivatives():
+    """The reference (autograd through plain PyTorch) supports create_graph=True."""
+    s = feats(1, 4, 3, seed=30).requires_grad_()
+    k = feats(1, 4, 3, seed=31).requires_grad_()
+    t, tk = feats(1, 4, 5, seed=32), feats(1, 4, 5, seed=33)
+    for loss in ("kl", "mse"):
+        def fn(a, b):
+            return token_relation_loss_rows(a, t, student_keys=b, teacher_keys=tk, loss=loss,
+                                            similarity="cosine")
+        assert torch.autograd.gradgradcheck(fn, (s, k))
+
+
+def test_tensor_temperature_is_checked_under_compile():
+    """A 0-dim tensor temperature is read on the host (a graph break under torch.compile),
+    so its range check runs there too: never a silent result for a bad value."""
+    fs, ft, _, _, mask = make_case(t=20, seed=12)
+
+    def fn(a, temperature):
+        return kdkernels.token_relation_loss(a, ft, mask=mask, temperature=temperature,
+                                             backend="cpu")
+
+    compiled = torch.compile(fn, backend="aot_eager")
+    torch.testing.assert_close(compiled(fs, torch.tensor(0.5)), fn(fs, 0.5))
+    for bad in (0.0, 20.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            compiled(fs, torch.tensor(bad))

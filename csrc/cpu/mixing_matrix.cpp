@@ -10,7 +10,12 @@
 //             dC_i += (G⊙E)·B_j, dB_j += (G⊙E)ᵀ·C_i, dcs_i += Σ_j G⊙M', dcs_j −= Σ_i G⊙M',
 //             dD += diag G; dlog_decay = reverse cumulative sum of dcs
 // Segment sums cs_i − cs_j come from float64 cumulative sums (no cancellation for long T),
-// masked to −inf above the diagonal before exp, so no exponent is ever positive.
+// masked to −inf above the diagonal before exp, so no exponent is ever positive. Steps below
+// −kDecayFloor are clamped to it (as in kdkernels/triton_kernels/mixing_matrix.py): every
+// segment across such a step sums to ≤ −kDecayFloor, whose exp is exactly 0 in float64 and
+// float32 alike, so no decay changes, while the cumulative sums stay small enough for their
+// differences to be exact (a −1e30 step would wipe out the later segments, a −inf step make
+// them −inf − (−inf) = NaN). NaN stays NaN.
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -20,6 +25,7 @@ namespace kdkernels::cpu {
 namespace {
 
 constexpr int64_t kTile = 128;
+constexpr double kDecayFloor = 1024.0;
 
 struct Flat {  // one batch element: (H, T, ·) fp32 views (no copy for fp32 inputs and G = H)
   at::Tensor q, k, c, b, cs, d;
@@ -39,7 +45,8 @@ Flat flatten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& C, cons
   f.k = k.select(0, bi).to(at::kFloat).permute({1, 0, 2});
   f.c = per_head(C);
   f.b = per_head(B);
-  f.cs = log_decay.select(0, bi).to(at::kDouble).cumsum(0).t().contiguous();  // (H, T)
+  f.cs = log_decay.select(0, bi).to(at::kDouble).clamp_min(-kDecayFloor).cumsum(0).t()
+             .contiguous();  // (H, T)
   f.d = D.has_value() ? D->to(at::kFloat) : at::zeros({f.heads}, q.options().dtype(at::kFloat));
   return f;
 }

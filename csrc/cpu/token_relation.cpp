@@ -22,6 +22,10 @@
 // thousands): Q = exp((s − m_s) − log l_s), the same as log_softmax in the reference.
 // Columns j are allowed when j ≤ i (causal) and mask_j; a padded row i (mask_i false) is
 // computed over all columns, like the reference, and then dropped (loss 0, no gradient).
+// Padded tokens are never read (the kernel works on copies where they are zeros), so whatever
+// they hold changes nothing. NaN rule, per sequence as in the reference: a sequence with a NaN
+// or ±inf in a real token's features or keys is skipped; its kept rows' losses and its real
+// tokens' gradient rows are NaN.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -40,6 +44,13 @@ constexpr int64_t kTile = 256;
 struct Inputs {  // fp32, contiguous: (BR, T, d_s) ×2, (BR, T, d_t) ×2, mask (BR, T) or undefined
   at::Tensor fs, xs, ft, xt, mask;
   int64_t seqs, t;
+  at::Tensor poisoned;             // (BR,) bool: a non-finite value in a real token
+  std::vector<uint8_t> skip;       // the same, for the workers
+  // (BR, T) bool: the rows (tokens) of poisoned sequences that are NaN: the real ones
+  at::Tensor nan_rows() const {
+    const at::Tensor rows = poisoned.unsqueeze(1).expand({seqs, t});
+    return mask.defined() ? rows.logical_and(mask) : rows;
+  }
 };
 
 // Keys absent: the features are their own keys (X = F).
@@ -54,16 +65,32 @@ Inputs prepare(const at::Tensor& fs, const std::optional<at::Tensor>& xs, const 
   }
   TORCH_CHECK(xs_.size(2) == fs.size(2) && xt_.size(2) == ft.size(2),
               "kdkernels.token_relation: keys must have their features' width");
-  auto f32 = [](const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); };
+  at::Tensor padded;  // (BR, T, 1), true at padded tokens
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 &&
+                    mask->size(0) == fs.size(0) && mask->size(1) == fs.size(1),
+                "kdkernels.token_relation: mask must be bool (batch·R, T)");
+    padded = mask->logical_not().unsqueeze(2);
+  }
+  // fp32 contiguous, padded tokens zeroed (a copy: the caller's tensors are never written)
+  auto f32 = [&](const at::Tensor& x) {
+    const at::Tensor y = x.detach().to(at::kFloat).contiguous();
+    return padded.defined() ? y.masked_fill(padded, 0.f) : y;
+  };
   Inputs in{f32(fs), at::Tensor(), f32(ft), at::Tensor(), at::Tensor(), fs.size(0), fs.size(1)};
   in.xs = xs.has_value() ? f32(*xs) : in.fs;
   in.xt = xt.has_value() ? f32(*xt) : in.ft;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 &&
-                    mask->size(0) == in.seqs && mask->size(1) == in.t,
-                "kdkernels.token_relation: mask must be bool (batch·R, T)");
-    in.mask = mask->contiguous();
+  if (mask.has_value()) in.mask = mask->contiguous();
+  in.poisoned = at::zeros({in.seqs}, in.fs.options().dtype(at::kBool));
+  for (const at::Tensor* x : {&in.fs, &in.xs, &in.ft, &in.xt}) {
+    const bool repeated = (x == &in.xs && in.xs.is_same(in.fs)) || (x == &in.xt && in.xt.is_same(in.ft));
+    if (!repeated && x->numel() > 0) {
+      in.poisoned.logical_or_(at::isfinite(*x).logical_not().flatten(1).any(1));
+    }
   }
+  in.skip.resize(in.seqs);
+  const at::Tensor p = in.poisoned.to(at::kByte);
+  std::copy(p.data_ptr<uint8_t>(), p.data_ptr<uint8_t>() + in.seqs, in.skip.begin());
   return in;
 }
 
@@ -225,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor> token_relation_fwd_cpu(
   // Sweep 1: the online statistics (and W for kl) of every row.
   walk_items(in, walk, [&] { return fresh_stats(in.t, f32); },
       [&](int64_t seq, int64_t ib, at::Tensor& local) {
+        if (in.skip[seq]) return;
         Online acc(local);
         for (int64_t jb = 0; jb < walk.end_block(ib); ++jb) {
           for (const Dir& d : tile_directions(in, walk, seq, ib, jb, scale_s, scale_t)) accumulate(acc, d, mse);
@@ -248,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor> token_relation_fwd_cpu(
     at::Tensor sums = at::zeros({in.seqs, 2, in.t}, f32);
     walk_items(in, walk, [&] { return at::zeros({2, in.t}, f32); },
         [&](int64_t seq, int64_t ib, at::Tensor& local) {
+          if (in.skip[seq]) return;
           for (int64_t jb = 0; jb < walk.end_block(ib); ++jb) {
             for (const Dir& d : tile_directions(in, walk, seq, ib, jb, scale_s, scale_t)) {
               auto [q, p] = probabilities(d, stats[seq]);
@@ -264,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor> token_relation_fwd_cpu(
     rows = sums.select(1, 0);
     stats.select(1, 4).copy_(sums.select(1, 1));
   }
-  return {at::where(rows_kept(in), rows, 0.f), stats};
+  stats.masked_fill_(in.poisoned.view({in.seqs, 1, 1}), NAN);
+  return {at::where(rows_kept(in), rows, 0.f).masked_fill_(in.nan_rows(), NAN), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> token_relation_bwd_cpu(
@@ -297,6 +327,7 @@ std::tuple<at::Tensor, at::Tensor> token_relation_bwd_cpu(
   };
   walk_items(in, walk, [] { return 0; },
       [&](int64_t seq, int64_t ib, int&) {
+        if (in.skip[seq]) return;
         const at::Tensor f = in.fs[seq], x = in.xs[seq];
         for (int64_t jb = 0; jb < walk.end_block(ib); ++jb) {
           const std::vector<Dir> dirs = tile_directions(in, walk, seq, ib, jb, scale_s, scale_t);
@@ -315,6 +346,9 @@ std::tuple<at::Tensor, at::Tensor> token_relation_bwd_cpu(
         }
       },
       [](int64_t, int&) {});
+  const at::Tensor nan_rows = in.nan_rows().unsqueeze(2);
+  dfs.masked_fill_(nan_rows, NAN);
+  if (keys) dxs.masked_fill_(nan_rows, NAN);
   return {dfs.to(fs.scalar_type()),
           keys ? dxs.to(xs->scalar_type()) : at::empty({0}, dfs.options())};
 }

@@ -7,7 +7,11 @@
     kdkernels::mixing_matrix_bwd(grad_loss, q, k, C, B, log_decay, D?, scale, squared, lse, sq)
         -> dC, dB, dlog_decay (inputs' shapes and dtypes), dD ((H,) or empty without D)
 Shapes: q, k (batch, T, H, d); C, B (batch, T, G, N); log_decay (batch, T, H); D (H,).
-q and k get no gradient (the teacher is frozen). The backward recomputes the tiles."""
+q and k get no gradient (the teacher is frozen). The backward recomputes the tiles.
+log_decay may hold −inf (a decay to 0) and steps of any size; a NaN in a (batch, head)'s
+log_decay makes that unit's loss and all its gradient contributions NaN, which is how
+kdkernels.mixing_matrix_loss applies the NaN rule to the ops (the ops do not check the other
+inputs for NaN/inf)."""
 from typing import Optional
 
 import torch

@@ -2,7 +2,10 @@
 (kdkernels/triton_kernels/token_relation.py, as kdkernels::token_relation_{fwd,bwd}_triton).
 
     kdkernels::token_relation_fwd(fs, xs?, ft, xt?, mask?, scale_s, scale_t, causal, mse)
-        -> rows (S, T) fp32: the per-row losses, 0 at padded rows;
+        -> rows (S, T) fp32: the per-row losses, 0 at padded rows, NaN at the kept rows of a
+           sequence with a NaN or ±inf in a real token of any input (the NaN rule's unit is
+           the sequence; its real tokens' gradient rows are NaN too; padded tokens are never
+           read);
            stats (S, 5, T) fp32: per row the student's maximum and log-sum (m_s, log l_s:
            its log-sum-exp is m_s + log l_s, kept apart for precision), the teacher's
            (m_t, log l_t), and for mse c = Σ_j Q(Q − P) (0 for kl): what backward needs

@@ -6,7 +6,8 @@ tiles of its row (column), recomputing A, E = exp(segment sums) and M' = (C Bᵀ
     backward     rows kernel: dC_i = Σ_j (G⊙E) B_j, dcs_i += Σ_j G⊙M', dD += diag G
                  cols kernel: dB_j = Σ_i (G⊙E)ᵀ C_i, dcs_j −= Σ_i G⊙M'
 with G = (M − A)·coef, coef = 2 (squared) or 1/‖M − A‖_F, times the incoming gradient. No
-atomics; nothing T×T is stored. Segment sums are differences of float64 cumulative sums.
+atomics; nothing T×T is stored. Segment sums are differences of float64 cumulative sums
+of log_decay clamped at −DECAY_FLOOR (see there), so a huge or −inf step cancels nothing.
 bf16/fp16 inputs keep their dtype on GPUs, so q·kᵀ and C·Bᵀ run on tensor cores (their
 products are exact in fp32); fp32 tiles (and the gradient products, whose left operand is an
 fp32 tile) use IEEE fp32 dots, not TF32: exact first.
@@ -16,6 +17,13 @@ import triton
 import triton.language as tl
 
 from .._plumbing import triton_interpreted
+
+# Steps of log_decay below −DECAY_FLOOR are clamped to it (as in csrc/cpu/mixing_matrix.cpp):
+# every segment that crosses such a step sums to ≤ −DECAY_FLOOR, whose exp is exactly 0 in
+# float64 and float32 alike, so no decay changes, while the float64 cumulative sums stay
+# small enough that their differences keep every segment exact (a step of −1e30 would wipe
+# out the later ones; a −inf step would make them −inf − (−inf) = NaN).
+DECAY_FLOOR = 1024.0
 
 
 @triton.jit
@@ -167,11 +175,12 @@ def _flatten(q, k, C, B, log_decay, D):
         dtype = qk_dtype if x is q or x is k else cb_dtype
         return x.to(dtype).permute(0, 2, 1, 3).reshape(bh, t, x.shape[-1]).contiguous()
 
-    cs = log_decay.double().cumsum(1).permute(0, 2, 1).reshape(bh, t).contiguous()
+    cs = log_decay.double().clamp_min(-DECAY_FLOOR).cumsum(1)  # NaN stays NaN
+    cs = cs.permute(0, 2, 1).reshape(bh, t).contiguous()
     d = D.float().repeat(batch) if D is not None else q.new_zeros(bh, dtype=torch.float32)
-    c = C.repeat_interleave(per_group, 2).to(cb_dtype).permute(0, 2, 1, 3).reshape(bh, t, -1)
-    b = B.repeat_interleave(per_group, 2).to(cb_dtype).permute(0, 2, 1, 3).reshape(bh, t, -1)
-    return heads_first(q), heads_first(k), c.contiguous(), b.contiguous(), cs, d.contiguous()
+    c = heads_first(C.repeat_interleave(per_group, 2))
+    b = heads_first(B.repeat_interleave(per_group, 2))
+    return heads_first(q), heads_first(k), c, b, cs, d.contiguous()
 
 
 def _meta(q, C):
@@ -190,7 +199,7 @@ def mixing_matrix_fwd(q, k, C, B, log_decay, D, scale, squared, teacher_lse):
     lse = (teacher_lse.float().reshape(batch * heads, t).clone() if teacher_lse is not None
            else torch.empty(batch * heads, t, device=q.device, dtype=torch.float32))
     part = torch.zeros(batch * heads, t, device=q.device, dtype=torch.float32)
-    if t > 0:
+    if t > 0 and batch * heads > 0:
         _mm_fwd_kernel[(batch * heads, n_blocks)](fq, fk, fc, fb, cs, d, lse, part, t,
                                                  float(scale), HAS_LSE=teacher_lse is not None,
                                                  **meta)
@@ -216,7 +225,7 @@ def mixing_matrix_bwd(grad_loss, q, k, C, B, log_decay, D, scale, squared, lse, 
     dcs_rows = torch.zeros(bh, t, device=q.device, dtype=torch.float32)
     dcs_cols = torch.zeros_like(dcs_rows)
     dd_part = torch.zeros(bh, max(n_blocks, 1), device=q.device, dtype=torch.float32)
-    if t > 0:
+    if t > 0 and bh > 0:
         _mm_bwd_rows_kernel[(bh, n_blocks)](fq, fk, fc, fb, cs, d, lse, coef, dc, dcs_rows,
                                            dd_part, t, n_blocks, float(scale), **meta)
         _mm_bwd_cols_kernel[(bh, n_blocks)](fq, fk, fc, fb, cs, d, lse, coef, db, dcs_cols,

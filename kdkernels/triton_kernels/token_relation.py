@@ -12,7 +12,11 @@ saved as its row maximum and log-sum, apart (their fp32 sum would lose |m|·2⁻
                 (one kernel, COLS; the cols kernel computes its tiles transposed, X_j·F_iᵀ, as
                 FlashAttention-2's backward does: no register transpose)
 No atomics; nothing T×T is stored. Allowed columns: j < T, j ≤ i when causal, mask_j; a padded
-row (mask_i false) takes every column, like the reference, and is then dropped.
+row (mask_i false) takes every column, like the reference, and is then dropped. Padded tokens
+are never read (their loads are masked: zeros), so whatever they hold changes nothing.
+NaN rule (per sequence, as the reference): the launchers flag the sequences with a non-finite
+value in a real token (BAD); their programs skip the sweeps and write NaN for every kept row
+and every real token's gradient row.
 bf16/fp16 features stay 16-bit on GPUs (tensor-core products, exact in fp32); fp32 tiles use
 IEEE fp32 dots, not TF32.
 """
@@ -25,16 +29,17 @@ from .._plumbing import triton_interpreted
 
 
 @triton.jit
-def _logits(F, X, base_f, base_x, rows, cols, T, scale, D: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK: tl.constexpr):
-    """(rows × cols) of scale · F·Xᵀ, F and X (S, T, D) contiguous, d walked in BLOCK_K chunks."""
+def _logits(F, X, base_f, base_x, rows, cols, rows_in, cols_in, scale, D: tl.constexpr,
+            BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+    """(rows × cols) of scale · F·Xᵀ, F and X (S, T, D) contiguous, d walked in BLOCK_K chunks;
+    only the tokens rows_in, cols_in (real ones) are read, the others count as zeros."""
     acc = tl.zeros((BLOCK, BLOCK), tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         f = tl.load(F + base_f + rows[:, None] * D + kk[None, :],
-                    mask=(rows[:, None] < T) & (kk[None, :] < D), other=0.0)
+                    mask=rows_in[:, None] & (kk[None, :] < D), other=0.0)
         x = tl.load(X + base_x + cols[:, None] * D + kk[None, :],
-                    mask=(cols[:, None] < T) & (kk[None, :] < D), other=0.0)
+                    mask=cols_in[:, None] & (kk[None, :] < D), other=0.0)
         acc += tl.dot(f, tl.trans(x), input_precision="ieee")
     return acc * scale
 
@@ -58,6 +63,15 @@ def _along_j(v, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _real(MASK, seq, idx, T, HAS_MASK: tl.constexpr):
+    """Which tokens idx exist (< T) and are real (not padded)."""
+    real = idx < T
+    if HAS_MASK:
+        real = real & (tl.load(MASK + seq * T + idx, mask=idx < T, other=0) != 0)
+    return real
+
+
+@triton.jit
 def _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS: tl.constexpr,
           DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr, BLOCK: tl.constexpr,
           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr):
@@ -69,23 +83,22 @@ def _tile(FS, XS, FT, XT, MASK, seq, rows, cols, T, scale_s, scale_t, DS: tl.con
     ok = (i2 < T) & (j2 < T)
     if CAUSAL:
         ok = ok & (j2 <= i2)
-    if HAS_MASK:
-        row_ok = tl.load(MASK + seq * T + rows, mask=rows < T, other=0) != 0
-        col_ok = tl.load(MASK + seq * T + cols, mask=cols < T, other=0) != 0
-        # padded rows keep every column
-        ok = ok & (_along_j(col_ok, TRANSPOSED) | ~_along_i(row_ok, TRANSPOSED))
+    row_in = _real(MASK, seq, rows, T, HAS_MASK)
+    col_in = _real(MASK, seq, cols, T, HAS_MASK)
+    if HAS_MASK:  # padded rows keep every column
+        ok = ok & (_along_j(col_in, TRANSPOSED) | ~_along_i(row_in, TRANSPOSED))
     base_s, base_t = seq * T * DS, seq * T * DT
     if TRANSPOSED:
-        s = _logits(XS, FS, base_s, base_s, cols, rows, T, scale_s, DS, BK_S, BLOCK)
-        u = _logits(XT, FT, base_t, base_t, cols, rows, T, scale_t, DT, BK_T, BLOCK)
+        s = _logits(XS, FS, base_s, base_s, cols, rows, col_in, row_in, scale_s, DS, BK_S, BLOCK)
+        u = _logits(XT, FT, base_t, base_t, cols, rows, col_in, row_in, scale_t, DT, BK_T, BLOCK)
     else:
-        s = _logits(FS, XS, base_s, base_s, rows, cols, T, scale_s, DS, BK_S, BLOCK)
-        u = _logits(FT, XT, base_t, base_t, rows, cols, T, scale_t, DT, BK_T, BLOCK)
+        s = _logits(FS, XS, base_s, base_s, rows, cols, row_in, col_in, scale_s, DS, BK_S, BLOCK)
+        u = _logits(FT, XT, base_t, base_t, rows, cols, row_in, col_in, scale_t, DT, BK_T, BLOCK)
     return ok, tl.where(ok, s, float("-inf")), tl.where(ok, u, float("-inf"))
 
 
 @triton.jit
-def _tr_fwd_kernel(FS, XS, FT, XT, MASK, ROWS, STATS, T, scale_s, scale_t, DS: tl.constexpr,
+def _tr_fwd_kernel(FS, XS, FT, XT, MASK, BAD, ROWS, STATS, T, scale_s, scale_t, DS: tl.constexpr,
                    DT: tl.constexpr, BK_S: tl.constexpr, BK_T: tl.constexpr,
                    BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                    MSE: tl.constexpr):
@@ -93,7 +106,9 @@ def _tr_fwd_kernel(FS, XS, FT, XT, MASK, ROWS, STATS, T, scale_s, scale_t, DS: t
     seq = tl.program_id(1).to(tl.int64)
     rows = ib * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < T
+    bad = tl.load(BAD + seq) != 0  # a poisoned sequence: no sweeps, NaN rows
     n_cols = ib + 1 if CAUSAL else tl.cdiv(T, BLOCK)
+    n_cols = tl.where(bad, 0, n_cols)
     m_s = tl.full((BLOCK,), -3.0e38, tl.float32)
     m_u = tl.full((BLOCK,), -3.0e38, tl.float32)
     l_s = tl.zeros((BLOCK,), tl.float32)
@@ -131,9 +146,8 @@ def _tr_fwd_kernel(FS, XS, FT, XT, MASK, ROWS, STATS, T, scale_s, scale_t, DS: t
             c += tl.sum(q * d, 1)
     else:
         loss = w / l_u + ll_s - ll_u
-    if HAS_MASK:
-        row_ok = tl.load(MASK + seq * T + rows, mask=rmask, other=0) != 0
-        loss = tl.where(row_ok, loss, 0.0)
+    loss = tl.where(bad, float("nan"), loss)
+    loss = tl.where(_real(MASK, seq, rows, T, HAS_MASK), loss, 0.0)
     tl.store(ROWS + seq * T + rows, loss, mask=rmask)
     base = STATS + seq * 5 * T + rows  # (m_s, log l_s, m_u, log l_u, c): see the ops module
     tl.store(base, m_s, mask=rmask)
@@ -159,9 +173,7 @@ def _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, s
     m_u = _along_i(tl.load(base + 2 * T, mask=rmask, other=0.0), TRANSPOSED)
     ll_u = _along_i(tl.load(base + 3 * T, mask=rmask, other=0.0), TRANSPOSED)
     wgt = tl.load(GRAD + seq * T + rows, mask=rmask, other=0.0) * scale_s
-    if HAS_MASK:
-        row_ok = tl.load(MASK + seq * T + rows, mask=rmask, other=0) != 0
-        wgt = tl.where(row_ok, wgt, 0.0)
+    wgt = tl.where(_real(MASK, seq, rows, T, HAS_MASK), wgt, 0.0)  # dropped rows
     q = tl.exp((s - m_s) - ll_s)
     g = q - tl.exp((u - m_u) - ll_u)
     if MSE:
@@ -171,13 +183,14 @@ def _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, rows, cols, T, scale_s, s
 
 
 @triton.jit
-def _tr_bwd_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, OUT, T, scale_s, scale_t,
+def _tr_bwd_kernel(FS, XS, FT, XT, MASK, BAD, STATS, GRAD, OUT, T, scale_s, scale_t,
                    DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr, BK_S: tl.constexpr,
                    BK_T: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_MASK: tl.constexpr, MSE: tl.constexpr, COLS: tl.constexpr):
     """The rows kernel (COLS false): dF_s of this program's rows = Σ_j G·X_s,j, over the
     column blocks; the columns kernel (COLS true): dX_s of its columns = Σ_i Gᵀ·F_s,i, over
-    the row blocks, with the tiles computed transposed."""
+    the row blocks, with the tiles computed transposed. A poisoned sequence (BAD): NaN rows
+    for the real tokens, nothing computed."""
     own_block = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     own = own_block * BLOCK + tl.arange(0, BLOCK)
@@ -186,19 +199,23 @@ def _tr_bwd_kernel(FS, XS, FT, XT, MASK, STATS, GRAD, OUT, T, scale_s, scale_t,
     n_blocks = tl.cdiv(T, BLOCK)
     first = own_block if (CAUSAL and COLS) else 0  # causal: only j ≤ i
     last = own_block + 1 if (CAUSAL and not COLS) else n_blocks
+    bad = tl.load(BAD + seq) != 0
+    last = tl.where(bad, first, last)
     for other_block in range(first, last):
         other = other_block * BLOCK + tl.arange(0, BLOCK)
+        other_in = _real(MASK, seq, other, T, HAS_MASK)  # padded tokens are never read
         if COLS:  # own = columns j, other = rows i
             g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, other, own, T, scale_s,
                            scale_t, DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE, True)
             y = tl.load(FS + seq * T * DS + other[:, None] * DS + dd[None, :],
-                        mask=(other[:, None] < T) & (dd[None, :] < DS), other=0.0)
+                        mask=other_in[:, None] & (dd[None, :] < DS), other=0.0)
         else:
             g = _grad_tile(FS, XS, FT, XT, MASK, STATS, GRAD, seq, own, other, T, scale_s,
                            scale_t, DS, DT, BK_S, BK_T, BLOCK, CAUSAL, HAS_MASK, MSE, False)
             y = tl.load(XS + seq * T * DS + other[:, None] * DS + dd[None, :],
-                        mask=(other[:, None] < T) & (dd[None, :] < DS), other=0.0)
+                        mask=other_in[:, None] & (dd[None, :] < DS), other=0.0)
         acc += tl.dot(g, y.to(tl.float32), input_precision="ieee")
+    acc = tl.where(bad & _real(MASK, seq, own, T, HAS_MASK)[:, None], float("nan"), acc)
     tl.store(OUT + seq * T * DS + own[:, None] * DS + dd[None, :], acc,
              mask=(own[:, None] < T) & (dd[None, :] < DS))
 
@@ -219,7 +236,19 @@ def _prepare(fs, xs, ft, xt, mask):
     xs_ = fs_ if xs is None else xs.to(ds_dtype).contiguous()
     xt_ = ft_ if xt is None else xt.to(dt_dtype).contiguous()
     m = mask.to(torch.int8).contiguous() if mask is not None else fs_.new_empty(1, dtype=torch.int8)
-    return fs_, xs_, ft_, xt_, m
+    return fs_, xs_, ft_, xt_, m, _poisoned(fs, xs, ft, xt, mask)
+
+
+def _poisoned(fs, xs, ft, xt, mask):
+    """(S,) int8: 1 for the sequences with a NaN or ±inf in a real token's features or keys."""
+    bad = None
+    for x in (fs, xs, ft, xt):
+        if x is not None:
+            b = ~torch.isfinite(x).all(-1)
+            bad = b if bad is None else bad | b
+    if mask is not None:
+        bad = bad & mask
+    return bad.any(-1).to(torch.int8)
 
 
 def _meta(fs, ft, causal, mask, mse):
@@ -247,12 +276,12 @@ def token_relation_fwd(fs, xs, ft, xt, mask, scale_s, scale_t, causal, mse):
     """Launcher behind kdkernels::token_relation_fwd_triton (see kdkernels/ops/token_relation.py)."""
     seqs, t = fs.shape[0], fs.shape[1]
     meta, _ = _meta(fs, ft, causal, mask, mse)
-    fs_, xs_, ft_, xt_, m = _prepare(fs, xs, ft, xt, mask)
+    fs_, xs_, ft_, xt_, m, bad = _prepare(fs, xs, ft, xt, mask)
     rows = torch.zeros(seqs, t, device=fs.device, dtype=torch.float32)
     stats = torch.zeros(seqs, 5, t, device=fs.device, dtype=torch.float32)
     if t > 0 and seqs > 0:
         _tr_fwd_kernel[(triton.cdiv(t, meta["BLOCK"]), seqs)](
-            fs_, xs_, ft_, xt_, m, rows, stats, t, float(scale_s), float(scale_t),
+            fs_, xs_, ft_, xt_, m, bad, rows, stats, t, float(scale_s), float(scale_t),
             num_warps=_warps(fs, backward=False), **meta)
     return rows, stats
 
@@ -261,14 +290,14 @@ def token_relation_bwd(grad_rows, fs, xs, ft, xt, mask, scale_s, scale_t, causal
     """Launcher behind kdkernels::token_relation_bwd_triton."""
     seqs, t = fs.shape[0], fs.shape[1]
     meta, dsp = _meta(fs, ft, causal, mask, mse)
-    fs_, xs_, ft_, xt_, m = _prepare(fs, xs, ft, xt, mask)
+    fs_, xs_, ft_, xt_, m, bad = _prepare(fs, xs, ft, xt, mask)
     grad = grad_rows.float().contiguous()
     stats = stats.float().contiguous()
     dfs = torch.zeros(seqs, t, fs.shape[-1], device=fs.device, dtype=torch.float32)
     dxs = torch.zeros_like(dfs)
     if t > 0 and seqs > 0:
         grid = (triton.cdiv(t, meta["BLOCK"]), seqs)
-        args = (fs_, xs_, ft_, xt_, m, stats, grad)
+        args = (fs_, xs_, ft_, xt_, m, bad, stats, grad)
         warps = _warps(fs, backward=True)
         for out, cols in ((dfs, False), (dxs, True)):
             _tr_bwd_kernel[grid](*args, out, t, float(scale_s), float(scale_t), DSP=dsp,
