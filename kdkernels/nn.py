@@ -1,10 +1,20 @@
 """torch.nn.Module wrappers: hold the loss options, take (student_logits, teacher_logits)."""
 import torch
 
+from . import _plumbing as P
 from .dac_kl import dac_kl
 from .divergence import divergence
+from .mixing_matrix import check_options as check_mixing_matrix_options
 from .mixing_matrix import mixing_matrix_loss
 from .token_relation import token_relation_loss
+
+
+def _validate_now(fn, *example, **options):
+    """Modules check their options at construction, not at the first step: one call of the
+    loss on a tiny example on the reference backend (unknown or bad options raise there), and
+    the backend choice itself."""
+    P.check_choice("backend", options.get("backend", "auto"), P.BACKENDS)
+    fn(*example, **{**options, "backend": "reference"})
 
 
 class DivergenceLoss(torch.nn.Module):
@@ -20,8 +30,7 @@ class DivergenceLoss(torch.nn.Module):
                 raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
         self.kind = kind
         self.options = options
-        divergence(torch.zeros(1, 2), torch.zeros(1, 2), kind=kind,
-                   **{**options, "backend": "reference"})  # validate the options now, not at step 1
+        _validate_now(divergence, torch.zeros(1, 2), torch.zeros(1, 2), kind=kind, **options)
 
     def forward(self, student_logits, teacher_logits, labels=None, mask=None, num_items=None,
                 taid_t=None):
@@ -63,6 +72,7 @@ class MixingMatrixLoss(torch.nn.Module):
         super().__init__()
         if "teacher_lse" in options:
             raise TypeError("teacher_lse is given per call, to forward(), not to the module")
+        check_mixing_matrix_options(**options)
         self.options = options
 
     def forward(self, q, k, C, B, log_decay, D=None, teacher_lse=None):
@@ -82,6 +92,7 @@ class TokenRelationLoss(torch.nn.Module):
         for per_call in ("student_keys", "teacher_keys", "mask"):
             if per_call in options:
                 raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
+        _validate_now(token_relation_loss, torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), **options)
         self.options = options
 
     def forward(self, student_feats, teacher_feats, student_keys=None, teacher_keys=None,
@@ -111,7 +122,8 @@ class DACBoundsHead(torch.nn.Module):
             raise ValueError(f"width must be a positive int, got {width!r}")
         if not 0 < min_width < 1:
             raise ValueError(f"min_width must be in (0, 1), got {min_width!r}")
-        self.k, self.temperature, self.min_width = k, float(temperature), float(min_width)
+        temperature = P.check_temperature("temperature", temperature)
+        self.k, self.temperature, self.min_width = k, temperature, float(min_width)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(k + 1, width), torch.nn.GELU(),
                                        torch.nn.Linear(width, 2))
         with torch.no_grad():  # start at lower ≈ 0.02, upper ≈ 0.98
@@ -151,6 +163,7 @@ class DACKLLoss(torch.nn.Module):
         for per_call in ("labels", "mask", "num_items", "lower", "upper"):
             if per_call in options:
                 raise TypeError(f"{per_call} is given per call (or by the head), not to the module")
+        _validate_now(dac_kl, torch.zeros(1, 2), torch.zeros(1, 2), 0.0, 1.0, **options)
         self.head = head if head is not None else DACBoundsHead(
             k=k, width=width, temperature=options.get("temperature", 1.0))
         self.options = options

@@ -51,7 +51,7 @@ def assert_matches(actual, ref64, ref32, out_dtype, what, factor=8.0, rounding_u
     truncation (measured: up to 2^-7 relative for bf16), where GPU Triton and C++ round to nearest."""
     ref64 = ref64.double()
     err = (actual.double() - ref64).abs()
-    fp32_err = (ref32.double() - ref64).abs().max() if ref32 is not None else 0.0
+    fp32_err = (ref32.double() - ref64).abs().max() if ref32 is not None and ref32.numel() else 0.0
     scale = ref64.abs().max() if ref64.numel() else torch.tensor(0.0)
     tol = (ref64.abs() * UNIT[out_dtype] + SUBNORMAL[out_dtype]) * rounding_units + factor * fp32_err + 1e-6 * scale + 1e-12
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"

@@ -346,15 +346,14 @@ def test_cpu_kernel_under_inductor_with_strided_features():
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("temperature,teacher_temperature",
-                         [(1e-6, None), (10.0, None), (1e-6, 10.0), (10.0, 1e-6)])
+                         [(1e-6, None), (100.0, None), (1e-6, 100.0), (100.0, 1e-6)])
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("keys", [False, True])
 def test_temperature_range_ends(backend, device, temperature, teacher_temperature, similarity,
                                 keys):
-    """Both ends of the accepted range, [1e-6, 10], for either model: at 1e-6 the relation
+    """Both ends of the accepted range, [1e-6, 100], for either model: at 1e-6 the relation
     logits are ~1e6 (one-hot rows; with keys the two models' rows peak at different tokens,
-    KL ~1e6), at 10 near-uniform rows (KL ~1e-2, from differences of logs ~log T). The
-    tolerance rule, unchanged (measured: at most 1.7× the fp32 reference's error)."""
+    KL ~1e6), at 100 near-uniform rows. The tolerance rule, unchanged."""
     case = make_case(t=100, keys=keys, seed=17)
     for loss in ("kl", "mse"):
         check(backend, device, case, similarity=similarity, loss=loss, temperature=temperature,
