@@ -24,6 +24,34 @@ def _bounds(name, x, lead_shape, n_rows, device):
     return torch.full((n_rows,), float(x), dtype=torch.float64, device=device)
 
 
+def _check_band_on_host(lower, upper, lo, hi, kept):
+    """ValueError for a band outside 0 ≤ l < u ≤ 1, wherever no device sync is needed:
+    Python numbers always (NaN included), tensors on their kept rows when on the CPU. A NaN in
+    a tensor is not an error but the NaN rule's: its row comes out NaN (as do the rows of a
+    CUDA tensor, never read back here, with a bad band: see the weights in dac_kl)."""
+    numbers = {name: float(x) for name, x in (("lower", lower), ("upper", upper))
+               if not isinstance(x, torch.Tensor)}
+    for name, x in numbers.items():
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {x}")
+    if len(numbers) == 2:
+        if not numbers["lower"] < numbers["upper"]:
+            raise ValueError(f"lower must be < upper, got lower = {numbers['lower']} and "
+                             f"upper = {numbers['upper']}")
+        return
+    if lo.device.type != "cpu":
+        return
+    live = slice(None) if kept is None else kept
+    lo, hi = lo.detach()[live], hi.detach()[live]
+    if bool(((lo < 0) | (lo > 1) | (hi < 0) | (hi > 1)).any()):  # (NaN compares false)
+        raise ValueError(f"lower and upper must lie in [0, 1]; got lower in "
+                         f"[{lo.min().item()}, {lo.max().item()}] and upper in "
+                         f"[{hi.min().item()}, {hi.max().item()}] on the kept rows")
+    if bool((lo >= hi).any()):
+        raise ValueError(f"lower must be < upper on every kept row; the smallest upper − lower "
+                         f"is {(hi - lo).nan_to_num(float('inf')).min().item()}")
+
+
 def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_scale=True,
            labels=None, ignore_index=-100, mask=None, reduction="mean", num_items=None,
            backend="auto"):
@@ -35,16 +63,28 @@ def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_
             on the reference backend).
         lower, upper: the band, 0 ≤ lower < upper ≤ 1: floats, or tensors shaped like the
             leading dims (one band per row, e.g. from kdkernels.nn.DACBoundsHead); tensors
-            receive their exact derivatives.
-        temperature: T, divides both logits; t2_scale multiplies each row's loss by T².
+            receive their exact derivatives. A kept row's band outside that range is a
+            ValueError where the host can see it without a device sync (Python numbers; CPU
+            tensors in eager mode); elsewhere (inside torch.compile, CUDA tensors) that row's
+            loss and gradients are NaN, as they are for a NaN in a tensor bound (the NaN rule
+            below). Dropped rows' bands are never read.
+        temperature: T in [1e-6, 10], divides both logits; t2_scale multiplies each row's loss
+            by T².
         labels/ignore_index, mask, reduction, num_items: as in kdkernels.divergence.
         backend: "auto", "reference" (sorts each row: the spec), "cpu" (C++, no sort),
             "triton" (GPU, or CPU under TRITON_INTERPRET=1).
 
     Gradients flow to the student logits (T·(q − p̃) with T²) and to tensor bounds; the teacher
-    is a constant. (lower, upper) = (0, 1) is exactly the forward KL."""
+    is a constant. (lower, upper) = (0, 1) is exactly the forward KL.
+
+    NaN rule (every backend): a kept row whose student or teacher logits hold NaN or +inf, or
+    are all −inf (no softmax exists), or whose tensor bound is NaN, has a NaN loss
+    (reduction="none": that row; "mean"/"sum": the total) and NaN in its whole gradient row of
+    the student and in its derivatives of the tensor bounds (a 0-dim bound, shared by every
+    row, then gets a NaN gradient); −inf entries alone are a masked vocabulary. Other rows
+    stay exact; dropped rows give 0 and zero gradients whatever they hold."""
     P.check_pair(student_logits, teacher_logits)
-    temperature = P.check_real("temperature", temperature, low=1e-6, high=1e6)
+    temperature = P.check_temperature("temperature", temperature)
     if not isinstance(t2_scale, bool):
         raise TypeError(f"t2_scale must be a bool, got {type(t2_scale).__name__}")
     P.check_choice("reduction", reduction, P.REDUCTIONS)
@@ -55,18 +95,8 @@ def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_
     lo = _bounds("lower", lower, lead_shape, n_rows, device)
     hi = _bounds("upper", upper, lead_shape, n_rows, device)
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
-    if not torch.compiler.is_compiling() and n_rows:
-        live = slice(None) if kept is None else kept
-        lo_live, hi_live = lo.detach()[live], hi.detach()[live]
-        if lo_live.numel():
-            if bool((lo_live < 0).any()) or bool((hi_live > 1).any()):
-                raise ValueError(f"lower and upper must lie in [0, 1]; got lower in "
-                                 f"[{lo_live.min().item()}, {lo_live.max().item()}], upper in "
-                                 f"[{hi_live.min().item()}, {hi_live.max().item()}]")
-            if not bool((lo_live < hi_live).all()):
-                worst = (hi_live - lo_live).min().item()
-                raise ValueError(f"lower must be < upper on every kept row; the smallest "
-                                 f"upper − lower is {worst}")
+    if not torch.compiler.is_compiling():
+        _check_band_on_host(lower, upper, lo, hi, kept)
     if backend == "cuda":
         raise ValueError("dac_kl has no CUDA C++ kernels; use backend='triton' (GPU), 'cpu' "
                          "or 'reference'")
@@ -79,9 +109,15 @@ def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_
     if kept is not None:  # dropped rows may hold any band (and any logits): a valid stand-in
         lo = torch.where(kept, lo, 0.0)
         hi = torch.where(kept, hi, 1.0)
+    # A band the host could not check (inside a compiled graph, or on a GPU) that is outside
+    # 0 ≤ l < u ≤ 1 (NaN included) makes its row's weight NaN, hence its loss and gradients.
+    weight = P.nan_unless((lo >= 0) & (lo < hi) & (hi <= 1), weight)
     if backend == "reference":
         s, t = P.live_rows(student_logits, kept), P.live_rows(teacher_logits, kept)
-        loss = ref.dac_kl_rows(s, t, lo, hi, temperature=temperature) * weight
+        # a NaN weight (a band or num_items that could not be checked) is a NaN row, gradients
+        # included (the product alone would pass a zero gradient where p̃ is 0)
+        loss = P.nan_rows(ref.dac_kl_rows(s, t, lo, hi, temperature=temperature) * weight,
+                          torch.isnan(weight), s, lo, hi)
         loss = loss.sum() if reduction != "none" else loss
     else:
         grad_on = torch.is_grad_enabled()

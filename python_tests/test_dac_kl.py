@@ -1,8 +1,10 @@
 """kdkernels.dac_kl: the reference (the spec) against a brute-force evaluation of the
 definition and against forward KL at (0, 1); the kernels (cpu, triton) against the reference
 computed in float64: per-row losses and the gradients of the student logits and of both
-bounds; ties, −inf entries, bounds on group boundaries, temperatures, masks, bad input;
-the bounds head and the combined loss module."""
+bounds; ties, −inf entries, bounds on group boundaries, temperatures (both ends of the
+accepted range), masks, bad input; the NaN rule (rows without a distribution, NaN row
+weights, bad bands and num_items inside compiled graphs); V = 1 and empty batches; double
+backward; the bounds head and the combined loss module."""
 import pytest
 import torch
 
@@ -132,7 +134,7 @@ def test_kernels_16bit_and_ties(backend, device, dtype):
 def test_kernels_neg_inf_teacher_and_extreme_temperatures(backend, device):
     s, t, lo, hi = make(n=9, v=700, seed=6)
     t[::2, ::3] = float("-inf")  # tokens the teacher rules out get p̃ = 0
-    for temperature in (0.05, 30.0):
+    for temperature in (1e-6, 0.05, 10.0):
         check(backend, device, (s, t, lo, hi), temperature=temperature)
 
 
@@ -300,13 +302,305 @@ def test_kernels_band_inside_one_group_is_flat(backend, device):
     assert (lo.grad == 0).all() and (hi.grad == 0).all()
 
 
-def test_cpu_row_without_a_distribution_is_nan_not_a_crash():
-    """A kept row whose logits are all −inf (or hold +inf or NaN) has no distribution: NaN,
-    and nothing is read or written out of bounds."""
-    s, t = torch.randn(5, 8), torch.randn(5, 8)
-    t[1] = float("-inf")
-    t[2, 3] = float("inf")
-    t[3, 1] = -float("nan")  # a NaN with its sign bit set
+# ---- the NaN rule -------------------------------------------------------------------------
+
+ALL = [pytest.param("reference", "cpu", id="reference")] + KERNELS
+
+
+def poisoned_batch():
+    """12 rows of 97: clean rows, a row for each way a kept row has no distribution, a row with
+    a NaN bound, and a poisoned dropped row (mask False: never read, 0 loss and 0 gradient)."""
+    s, t, lo, hi = make(n=12, v=97, seed=20)
+    t[1, 5] = float("nan")
+    t[2, 7] = float("inf")
+    t[3] = float("-inf")
     s[4, 0] = float("nan")
-    rows = kdkernels.dac_kl(s, t, 0.1, 0.9, reduction="none", backend="cpu")
-    assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
+    s[5, 9] = float("inf")
+    s[6] = float("-inf")
+    t[7, 1] = -float("nan")  # a NaN with its sign bit set
+    s[8], t[8], lo[8], hi[8] = float("nan"), float("nan"), 0.9, 0.1  # dropped: anything goes
+    lo[9] = float("nan")  # a NaN bound (e.g. from a bounds head fed a NaN teacher row)
+    bad = torch.zeros(12, dtype=torch.bool)
+    bad[1:8] = bad[9] = True
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[8] = False
+    return (s, t, lo, hi), bad, mask
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_nan_rule_rows_without_a_distribution(backend, device, reduction):
+    """A kept row whose teacher or student logits hold NaN or +inf, or are all −inf, or whose
+    bound is NaN: NaN loss and NaN in every element of its gradient rows (student and tensor
+    bounds); every clean row exact against float64; the poisoned dropped row 0 with zero
+    gradient."""
+    case, bad, mask = poisoned_batch()
+    clean = mask & ~bad
+
+    def run(backend_, device_, dtype=None):
+        s, t, lo, hi = case
+        s_ = s.to(device_, dtype or s.dtype).detach().requires_grad_()
+        lo_ = lo.to(device_).clone().requires_grad_()
+        hi_ = hi.to(device_).clone().requires_grad_()
+        out = kdkernels.dac_kl(s_, t.to(device_, dtype or t.dtype), lo_, hi_, temperature=2.0,
+                               mask=mask.to(device_), reduction=reduction, backend=backend_)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        (out * w.to(device_, out.dtype)).sum().backward()
+        return [x.detach().cpu() for x in (out, s_.grad, lo_.grad, hi_.grad)]
+
+    got = run(backend, device)
+    want64 = run("reference", "cpu", torch.float64)
+    want32 = run("reference", "cpu", torch.float32)
+    if reduction == "none":
+        assert torch.isnan(got[0][bad]).all() and got[0][8] == 0
+        assert_matches(got[0][clean], want64[0][clean], want32[0][clean], torch.float32, "rows")
+    else:
+        assert torch.isnan(got[0])
+    for name, g, w64, w32 in zip(["d_student", "d_lower", "d_upper"], got[1:], want64[1:],
+                                 want32[1:]):
+        assert torch.isnan(g[bad]).all(), f"{name}: a bad row's gradient is not all NaN"
+        assert (g[8] == 0).all(), f"{name}: the dropped row's gradient is not 0"
+        assert_matches(g[clean], w64[clean], w32[clean], torch.float32, name)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_kernels_nan_row_weight_gives_nan_row(backend, device):
+    """The ops themselves: a kept row with a NaN row weight (how a band or num_items that the
+    host could not check reaches them) gives NaN loss, gradient row and bound derivatives,
+    whatever its band (even a bad one), including a band inside one tie group (flat: the
+    derivatives are 0·w there); the other rows are those of a run with finite weights."""
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    s = torch.randn(6, 4, generator=torch.Generator().manual_seed(21)).to(device)
+    t = probs.log().repeat(6, 1).to(device)
+    lo = torch.tensor([0.1, 0.8, 0.6, float("nan"), -4.0, 0.2], dtype=torch.float64, device=device)
+    hi = torch.tensor([0.9, 0.9, 0.4, 0.5, 1.5, 0.7], dtype=torch.float64, device=device)
+    w = torch.tensor([0.5] * 6, device=device)
+    nan_w = w.clone()
+    nan_w[1:5] = float("nan")  # row 1: a flat band; rows 2-4: bad bands
+    op = torch.ops.kdkernels.dac_kl_fwd_triton if backend == "triton" \
+        else torch.ops.kdkernels.dac_kl_fwd
+    good_lo, good_hi = lo.clone(), hi.clone()
+    good_lo[2:5], good_hi[2:5] = 0.1, 0.9
+    ref_rows, ref_gs, ref_gb = [x.cpu() for x in
+                                op(s, t, good_lo, good_hi, w, 1.0, False, True, True)]
+    rows, gs, gb = [x.cpu() for x in op(s, t, lo, hi, nan_w, 1.0, False, True, True)]
+    assert torch.isnan(rows[1:5]).all() and torch.isnan(gs[1:5]).all()
+    assert torch.isnan(gb[:, 1:5]).all()
+    keep = [0, 5]
+    assert torch.equal(rows[keep], ref_rows[keep]) and torch.equal(gs[keep], ref_gs[keep])
+    assert torch.equal(gb[:, keep], ref_gb[:, keep])
+    assert (ref_gb[:, 1] == 0).all()  # the flat band, with a finite weight
+    total, _, _ = op(s, t, lo, hi, nan_w, 1.0, True, False, False)
+    assert torch.isnan(total)
+
+
+# ---- temperatures at the ends of the accepted range ---------------------------------------
+
+def make_tiny_temperature(n=24, v=300, seed=22):
+    """Logits spread by a few T = 1e-6 around offsets 0, 1 and 100 (so that x/T is 1e6–1e8
+    and its rounding is far coarser than the spread): near-ties that a tiny T resolves."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0.0, 1.0, 100.0]).repeat_interleave(n // 3)[:, None]
+    s = offsets + 3e-6 * torch.randn(n, v, generator=g)
+    t = offsets + 3e-6 * torch.randn(n, v, generator=g)
+    lo = torch.rand(n, generator=g, dtype=torch.float64) * 0.4
+    hi = lo + 0.05 + torch.rand(n, generator=g, dtype=torch.float64) * (0.95 - lo)
+    return s, t, lo, hi
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("temperature", [1e-6, 10.0])
+@pytest.mark.parametrize("band", ["forward_kl", "clipped", "random"])
+@pytest.mark.parametrize("t2_scale", [True, False])
+def test_kernels_at_the_temperature_ends(backend, device, temperature, band, t2_scale):
+    """T = 1e-6 and T = 10, the ends of P.check_temperature's range: per-row losses and all
+    gradients within the tolerance rule of the float64 reference, for (0, 1) (plain forward
+    KL), a fixed clipped band and random bands. Without T² too: at T = 1e-6 the T²-scaled
+    losses (~1e-11) sit below the rule's absolute floor of 1e-12 only by a factor of 10."""
+    s, t, lo, hi = make_tiny_temperature() if temperature < 1 else make(n=24, v=300, seed=23)
+    if band == "forward_kl":
+        lo, hi = torch.zeros_like(lo), torch.ones_like(hi)
+    elif band == "clipped":
+        lo, hi = torch.full_like(lo, 0.2), torch.full_like(hi, 0.7)
+    check(backend, device, (s, t, lo, hi), temperature=temperature, t2_scale=t2_scale)
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 10.0])
+def test_reference_at_the_temperature_ends(temperature):
+    """The reference itself: in float64 it is the forward KL at (0, 1) (against an independent
+    float64 formula), and in float32 it stays close to float64 at T = 1e-6 (the row maximum is
+    subtracted before the division by T; dividing first leaves errors of order 1 in x/T)."""
+    s, t, lo, hi = make_tiny_temperature() if temperature < 1 else make(n=24, v=300, seed=23)
+    s64, t64 = s.double(), t.double()
+    log_q = torch.log_softmax((s64 - s64.amax(-1, keepdim=True)) / temperature, -1)
+    log_p = torch.log_softmax((t64 - t64.amax(-1, keepdim=True)) / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
+    got = kdkernels.dac_kl(s64, t64, 0.0, 1.0, temperature=temperature, reduction="none")
+    torch.testing.assert_close(got, kl, rtol=1e-10, atol=0.0)
+    for a, b in ((0.0, 1.0), (0.2, 0.7)):
+        got32 = kdkernels.dac_kl(s, t, a, b, temperature=temperature, reduction="none",
+                                 backend="reference")
+        want = kdkernels.dac_kl(s64, t64, a, b, temperature=temperature, reduction="none")
+        torch.testing.assert_close(got32.double(), want, rtol=1e-4,
+                                   atol=1e-6 * want.abs().max().item())
+
+
+def test_temperature_range():
+    s, t, lo, hi = make(n=3, v=20)
+    for bad_t in (0.0, 9e-7, 10.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number in \[1e-06, 10"):
+            kdkernels.dac_kl(s, t, lo, hi, temperature=bad_t)
+    for ok_t in (1e-6, 10.0, torch.tensor(2.0)):
+        assert torch.isfinite(kdkernels.dac_kl(s, t, lo, hi, temperature=ok_t, backend="reference"))
+
+
+# ---- bad values that no host check sees: compiled graphs ------------------------------------
+
+COMPILED = [pytest.param(b, d, id=i) for b, d, i in
+            [("reference", "cpu", "reference"), ("cpu", "cpu", "cpu")] +
+            ([("triton", "cpu", "triton-interp")] if HAS_TRITON and TRITON_ON_CPU else [])]
+
+
+@pytest.mark.parametrize("backend,device", COMPILED)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_bad_band_and_num_items_give_nan(backend, device, compiler):
+    """Inside torch.compile(fullgraph=True) the eager ValueError checks are skipped: a band
+    outside 0 ≤ l < u ≤ 1 (tensor or float bounds) or a num_items ≤ 0 or inf must make the
+    affected kept rows NaN, loss and student gradient, never a finite number; clean rows and
+    a dropped row with a bad band are as in eager mode."""
+    torch._dynamo.reset()
+    s, t, lo, hi = make(n=6, v=50, seed=24)
+    s, t, lo, hi = s.to(device), t.to(device), lo.to(device), hi.to(device)
+    mask = torch.ones(6, dtype=torch.bool, device=device)
+    mask[5] = False
+
+    def rows_fn(x, lo_, hi_):
+        return kdkernels.dac_kl(x, t, lo_, hi_, mask=mask, reduction="none", backend=backend)
+
+    def mean_fn(x, lo_, hi_, n):
+        return kdkernels.dac_kl(x, t, lo_, hi_, mask=mask, num_items=n, backend=backend)
+
+    rows_c = torch.compile(rows_fn, fullgraph=True, backend=compiler)
+    mean_c = torch.compile(mean_fn, fullgraph=True, backend=compiler)
+
+    def run(fn, *args):
+        x = s.clone().requires_grad_()
+        out = fn(x, *args)
+        out.sum().backward()
+        return out.detach().cpu(), x.grad.cpu()
+
+    want_rows, want_grad = run(rows_fn, lo, hi)
+    bad_bands = [("lower > upper", 0, 0.8, 0.3), ("upper > 1", 1, 0.1, 1.5),
+                 ("lower < 0", 2, -4.0, 0.5), ("lower = upper", 3, 0.4, 0.4),
+                 ("NaN lower", 4, float("nan"), 0.5)]
+    for what, row, a, b in bad_bands:
+        lo_, hi_ = lo.clone(), hi.clone()
+        lo_[row], hi_[row] = a, b
+        lo_[5], hi_[5] = b, a  # the dropped row: a bad band too, never read
+        got_rows, got_grad = run(rows_c, lo_, hi_)
+        assert torch.isnan(got_rows[row]) and torch.isnan(got_grad[row]).all(), what
+        others = [i for i in range(6) if i != row]
+        torch.testing.assert_close(got_rows[others], want_rows[others], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got_grad[others], want_grad[others], rtol=1e-5, atol=1e-7)
+        assert got_rows[5] == 0 and (got_grad[5] == 0).all(), what
+    for a, b in ((0.8, 0.3), (0.1, 1.5), (-0.5, 0.5)):  # float bounds: every kept row
+        got_rows, got_grad = run(rows_c, a, b)
+        assert torch.isnan(got_rows[:5]).all() and torch.isnan(got_grad[:5]).all(), (a, b)
+        assert got_rows[5] == 0 and (got_grad[5] == 0).all(), (a, b)
+    want_mean, _ = run(mean_fn, lo, hi, torch.tensor(4.0))
+    got_mean, _ = run(mean_c, lo, hi, torch.tensor(4.0))
+    torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-7)
+    for n in map(torch.tensor, (0, -4.0, float("inf"), float("nan"))):
+        got_mean, got_grad = run(mean_c, lo, hi, n)
+        assert torch.isnan(got_mean), n
+        assert torch.isnan(got_grad[:5]).all(), n
+
+
+def test_eager_checks_of_the_band_and_num_items():
+    """The same bad values in eager mode on the CPU: ValueErrors naming the argument; a bad band
+    on a dropped row is never read."""
+    s, t, lo, hi = make(n=4, v=10)
+    for a, b, match in ((torch.full((4,), 0.8, dtype=torch.float64), hi, "lower must be < upper"),
+                        (lo, torch.full((4,), 1.5, dtype=torch.float64), r"lie in \[0, 1\]"),
+                        (torch.full((4,), float("inf"), dtype=torch.float64), hi, r"lie in \[0, 1\]"),
+                        (0.3, 0.2, "lower must be < upper"),
+                        (float("nan"), 0.5, r"lower must lie in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            kdkernels.dac_kl(s, t, a, b)
+    for n in (torch.tensor(0), torch.tensor(-4.0), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match="num_items"):
+            kdkernels.dac_kl(s, t, lo, hi, num_items=n)
+    lo_, hi_ = lo.clone(), hi.clone()
+    lo_[2], hi_[2] = 0.9, 0.1
+    mask = torch.tensor([True, True, False, True])
+    for backend in ("reference", "cpu"):
+        assert torch.isfinite(kdkernels.dac_kl(s, t, lo_, hi_, mask=mask, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_eager_band_check_by_device(backend, device):
+    """Eager mode: a bad tensor band is a ValueError on the CPU; on a GPU it is not read back
+    (no host sync), and its row comes out NaN instead, never finite."""
+    s, t, lo, hi = make(n=4, v=30, seed=30)
+    lo[1], hi[1] = 0.7, 0.2
+    args = (s.to(device), t.to(device), lo.to(device), hi.to(device))
+    if device == "cpu":
+        with pytest.raises(ValueError, match="lower must be < upper"):
+            kdkernels.dac_kl(*args, backend=backend)
+    else:
+        rows = kdkernels.dac_kl(*args, reduction="none", backend=backend).cpu()
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3]]).all()
+
+
+# ---- degenerate shapes ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_one_token_vocabulary_strided(backend, device):
+    """V = 1 with a non-unit column stride (as divergence accepts): p̃ = q = 1, so the loss and
+    the student's gradient are 0; bound derivatives as the float64 reference's."""
+    # (7, 1) with stride (1, 7)
+    s = torch.randn(3, 7, generator=torch.Generator().manual_seed(25)).t()[:, :1]
+    t = torch.randn(3, 7, generator=torch.Generator().manual_seed(26)).t()[:, 1:2]
+    assert s.stride(-1) != 1 and t.stride(-1) != 1
+    lo = torch.rand(7, generator=torch.Generator().manual_seed(27), dtype=torch.float64) * 0.5
+    hi = torch.tensor([0.9, 1.0, 0.6, 1.0, 0.99, 0.7, 1.0], dtype=torch.float64)
+    got = check(backend, device, (s, t, lo, hi), temperature=2.0)
+    assert (got[0] == 0).all() and (got[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("shape", [(0, 33), (2, 0, 33), (0, 1)])
+def test_empty_batch(backend, device, shape):
+    """No rows at all: every reduction works (mean 0, sum 0, none shaped like the leading dims),
+    and backward gives gradients of the inputs' shapes."""
+    for reduction in ("mean", "sum", "none"):
+        s = torch.randn(shape, device=device, requires_grad=True)
+        lo = torch.zeros(shape[:-1], dtype=torch.float64, device=device, requires_grad=True)
+        out = kdkernels.dac_kl(s, torch.randn(shape, device=device), lo, 0.5, reduction=reduction,
+                               backend=backend)
+        assert out.shape == (() if reduction != "none" else shape[:-1])
+        if reduction != "none":
+            assert out.item() == 0
+        out.sum().backward()
+        assert s.grad is not None and s.grad.shape == shape
+        assert lo.grad is not None and lo.grad.shape == shape[:-1]
+
+
+# ---- double backward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_double_backward_raises(backend, device):
+    s, t, lo, hi = make(n=3, v=40, seed=28)
+    s = s.to(device).requires_grad_()
+    loss = kdkernels.dac_kl(s, t.to(device), lo.to(device), hi.to(device), backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+def test_reference_double_backward():
+    """The reference is plain autograd: second derivatives work (gradgradcheck)."""
+    s, t, lo, hi = make(n=3, v=12, seed=29)
+    s = s.double().requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda x: kdkernels.dac_kl(x, t.double(), lo, hi, reduction="none", backend="reference"),
+        (s,))

@@ -19,8 +19,10 @@
 // a group boundary; at l = 0 it is the derivative into the allowed range. u = 1 clips no
 // tail: no group sits at u, and ∂L/∂u = −(L + 1)/(u − l), the renormalization's part (the
 // smallest probabilities' log would make the one-sided value rounding noise).
-// A kept row whose teacher (or student) logits are all −inf, or hold +inf, has no
-// distribution: its outputs are NaN. Every output is multiplied by the row's weight (T², masks, 1/denominator); rows of weight 0
+// A kept row whose teacher or student logits are all −inf, or hold +inf or NaN, has no
+// distribution: its outputs (loss, gradient row, both bounds' derivatives) are NaN. Every
+// output is multiplied by the row's weight (T², masks, 1/denominator), so a NaN weight (a bad
+// band or num_items that the host could not check) makes the row NaN too; rows of weight 0
 // are never read.
 #include <algorithm>
 #include <array>
@@ -118,18 +120,20 @@ template <typename S, typename T, typename G>
 RowOut dac_row(const S* s, const T* t, int64_t v, double lower, double upper, float inv_temp,
                float* p, G* grad, float grad_scale, std::vector<double>& mass1,
                std::vector<int64_t>& count1, std::vector<float>& scratch) {
-  // 1. the teacher's probabilities, the student's log-sum-exp
+  // 1. the teacher's probabilities, the student's log-sum-exp. The maxima are taken in logit
+  // units and subtracted before the division by T (at a tiny T, x/T − max(x/T) would keep
+  // only the rounding of the large quotients).
   float m_t = -INFINITY, m_s = -INFINITY;
   for (int64_t j = 0; j < v; ++j) {
-    p[j] = static_cast<float>(t[j]) * inv_temp;
+    p[j] = static_cast<float>(t[j]);
     m_t = std::max(m_t, p[j]);
-    m_s = std::max(m_s, static_cast<float>(s[j]) * inv_temp);
+    m_s = std::max(m_s, static_cast<float>(s[j]));
   }
   double z_t = 0.0, z_s = 0.0;
   for (int64_t j = 0; j < v; ++j) {
-    p[j] = std::exp(p[j] - m_t);
+    p[j] = std::exp((p[j] - m_t) * inv_temp);
     z_t += p[j];
-    z_s += std::exp(static_cast<float>(s[j]) * inv_temp - m_s);
+    z_s += std::exp((static_cast<float>(s[j]) - m_s) * inv_temp);
   }
   // A row of all −inf, or holding +inf or NaN, has no distribution: NaN outputs.
   auto no_distribution = [&] {
@@ -158,7 +162,7 @@ RowOut dac_row(const S* s, const T* t, int64_t v, double lower, double upper, fl
   // not exactly 1), so p̃ sums to 1 even for the narrowest band near the tail.
   const double x_l = lower * total, x_u = upper * total, width = upper - lower;
   const double norm = total * width;  // p̃ = overlap / (count · norm)
-  // log q = (s/T − m_s) − log z_s and log p = (t/T − m_t) − log z_t: the small terms are added
+  // log q = (s − m_s)/T − log z_s and log p = (t − m_t)/T − log z_t: the small terms are added
   // to the differences, never to the maxima (whose fp32 rounding would swamp them).
   const float log_zs = static_cast<float>(std::log(z_s));
   // 2. the boundary groups
@@ -179,7 +183,7 @@ RowOut dac_row(const S* s, const T* t, int64_t v, double lower, double upper, fl
   double loss = 0.0, sum_lq_l = 0.0, sum_lq_u = 0.0;
   for (int64_t j = 0; j < v; ++j) {
     const float pj = p[j];
-    const float lq = (static_cast<float>(s[j]) * inv_temp - m_s) - log_zs;
+    const float lq = (static_cast<float>(s[j]) - m_s) * inv_temp - log_zs;
     float pc = 0.f;
     float log_pc = 0.f;
     if (pj == gl.value || (tail && pj == gu.value)) {
@@ -189,7 +193,7 @@ RowOut dac_row(const S* s, const T* t, int64_t v, double lower, double upper, fl
       (pj == gl.value ? sum_lq_l : sum_lq_u) += lq;
     } else if (pj < gl.value && pj > gu.value) {
       pc = pj * inv_norm;
-      log_pc = (static_cast<float>(t[j]) * inv_temp - m_t) - log_rest;
+      log_pc = (static_cast<float>(t[j]) - m_t) * inv_temp - log_rest;
     }
     if (pc > 0.f) loss += static_cast<double>(pc) * (log_pc - lq);
     if (grad != nullptr) grad[j] = static_cast<G>(grad_scale * (std::exp(lq) - pc));
@@ -220,9 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dac_kl_fwd_cpu(
               "kdkernels.dac_kl (cpu): inputs must be CPU tensors");
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
               "kdkernels.dac_kl: logits must be (N, V) rows of equal shape");
-  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1,
-              "kdkernels.dac_kl: logits need unit stride along V");
   const int64_t n = student.size(0), v = student.size(1);
+  TORCH_CHECK(v <= 1 || (student.stride(1) == 1 && teacher.stride(1) == 1),
+              "kdkernels.dac_kl: logits need unit stride along V");  // (V = 1: no column stride)
   const at::Tensor lo = lower.to(at::kDouble).contiguous(), hi = upper.to(at::kDouble).contiguous();
   const at::Tensor w = row_weight.to(at::kFloat).contiguous();
   TORCH_CHECK(lo.numel() == n && hi.numel() == n && w.numel() == n,

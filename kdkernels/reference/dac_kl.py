@@ -16,8 +16,12 @@ group is the one with c_lo ≤ l < c_hi (l increasing; at l = 0 the top group), 
 with c_lo < u ≤ c_hi (u decreasing); u = 1 clips no tail, so there only the renormalization
 1/(u − l) depends on u.
 (l, u) = (0, 1) is the forward KL; (0, u) keeps a top-p band; l > 0 clips the dominant head.
+A row without a distribution (logits holding NaN or +inf, or all −inf, in the student or the
+teacher) is NaN, its gradient rows too (no_distribution, the library's NaN rule).
 """
 import torch
+
+from .. import _plumbing as P
 
 
 def clipped_teacher(p, lower, upper):
@@ -46,13 +50,32 @@ def clipped_teacher(p, lower, upper):
     return torch.zeros_like(share).scatter(-1, order, share)
 
 
+def no_distribution(student, teacher):
+    """(N,) bool: the rows the NaN rule makes NaN: logits holding NaN or +inf, or all −inf
+    (no softmax exists), in the student or the teacher. −inf entries alone are a masked
+    vocabulary, not an error."""
+    def bad(x):
+        return (torch.isnan(x) | (x == float("inf"))).any(-1) | (x == float("-inf")).all(-1)
+
+    return bad(student) | bad(teacher)
+
+
 def dac_kl_rows(student, teacher, lower, upper, *, temperature=1.0):
-    """Per-row DAC-KL (without T²) of (N, V) logits; lower/upper (N,) tensors."""
+    """Per-row DAC-KL (without T²) of (N, V) logits; lower/upper (N,) tensors.
+
+    A row without a distribution (no_distribution) is NaN, and so are its gradient rows in the
+    student and in the bounds (tensors of one bound per row). Both logits are shifted by their
+    row maximum before the division by T: at a tiny T, x/T − max(x/T) would keep only the
+    rounding of the large quotients."""
     dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
-    log_q = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    s = student.to(dtype)
+    log_q = torch.log_softmax((s - s.detach().amax(-1, keepdim=True)) / temperature, dim=-1)
     with torch.no_grad():  # the teacher is constant
-        p = torch.softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+        t = teacher.detach().to(dtype)
+        p = torch.softmax((t - t.amax(-1, keepdim=True)) / temperature, dim=-1)
     p_clip = clipped_teacher(p, lower, upper)
     live = p_clip > 0
     log_p = torch.where(live, p_clip, 1.0).log()
-    return torch.where(live, p_clip * (log_p - torch.where(live, log_q, 0.0)), 0.0).sum(-1)
+    rows = torch.where(live, p_clip * (log_p - torch.where(live, log_q, 0.0)), 0.0).sum(-1)
+    return P.nan_rows(rows, no_distribution(student.detach(), teacher.detach()), student,
+                      lower, upper)

@@ -8,6 +8,8 @@ block, so registers stay few), for l and for u at once; 8 sweeps pin both groups
 and size, and one for the loss, the gradient (q − p̃)/T and the boundary groups' Σ log q.
 Masses are summed in fp64. The band is measured in the masses as computed ([l, u] times the
 row's fp32 total), so p̃ sums to 1 even for the narrowest band.
+A kept row whose logits hold NaN or +inf or are all −inf (no distribution), or whose weight
+is NaN, gives NaN loss, gradient row and bound derivatives; rows of weight 0 are never read.
 Groups: l's is the one with c_lo ≤ l < c_hi, u's the one with c_lo < u ≤ c_hi (one-sided
 derivatives on group boundaries; inward at l = 0 and u = 1), as on the CPU.
 """
@@ -21,7 +23,7 @@ from .._plumbing import grad_dtype, triton_interpreted
 @triton.jit
 def _probs(t_ptr, cols, V, inv_temp, m_t, inv_z):
     t = tl.load(t_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-    return tl.exp(t * inv_temp - m_t) * inv_z
+    return tl.exp((t - m_t) * inv_temp) * inv_z
 
 
 @triton.jit
@@ -41,15 +43,16 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
     else:
         lower = tl.load(LO + row).to(tl.float64)
         upper = tl.load(HI + row).to(tl.float64)
-        # maxima, then sums
+        # maxima (in logit units: subtracted before the division by T, since at a tiny T
+        # x/T − max(x/T) keeps only the rounding of the large quotients), then sums
         mt_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
         ms_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
             t = tl.load(t_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             s = tl.load(s_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            mt_vec = tl.maximum(mt_vec, t * inv_temp)
-            ms_vec = tl.maximum(ms_vec, s * inv_temp)
+            mt_vec = tl.maximum(mt_vec, t)
+            ms_vec = tl.maximum(ms_vec, s)
         m_t = tl.max(mt_vec, 0)
         m_s = tl.max(ms_vec, 0)
         z_t = tl.zeros((), tl.float64)
@@ -58,10 +61,15 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
             cols = v0 + offs
             t = tl.load(t_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             s = tl.load(s_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            z_t += tl.sum(tl.exp(t * inv_temp - m_t), 0).to(tl.float64)
-            z_s += tl.sum(tl.exp(s * inv_temp - m_s), 0).to(tl.float64)
+            z_t += tl.sum(tl.exp((t - m_t) * inv_temp), 0).to(tl.float64)
+            z_s += tl.sum(tl.exp((s - m_s) * inv_temp), 0).to(tl.float64)
+        # A row whose logits hold NaN or +inf, or are all −inf, has no distribution: z is NaN
+        # then (NaN compares false). Its weight becomes NaN, which every output is multiplied
+        # by, as a NaN weight from the caller (a band it could not check) is.
+        good = (z_t > 0.0) & (z_t < float("inf")) & (z_s > 0.0) & (z_s < float("inf"))
+        w = tl.where(good, w, float("nan"))
         inv_z = (1.0 / z_t).to(tl.float32)
-        # log q = (s/T − m_s) − log z_s: small terms added to differences, never to maxima
+        # log q = (s − m_s)/T − log z_s: small terms added to differences, never to maxima
         log_zs = tl.log(z_s).to(tl.float32)
         # targets, in the masses as computed (the fp32 probabilities sum to `total`, not
         # exactly 1): l·total with "mass at or above > x", u·total with "≥ x". The total is the
@@ -123,7 +131,7 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
         log_share_l = tl.log(tl.maximum(share_l, 1e-300))
         log_share_u = tl.log(tl.maximum(share_u, 1e-300))
         inv_norm = (1.0 / norm).to(tl.float32)
-        log_rest = (tl.log(z_t) + tl.log(norm)).to(tl.float32)  # log p̃ = (t/T − m_t) − this
+        log_rest = (tl.log(z_t) + tl.log(norm)).to(tl.float32)  # log p̃ = (t − m_t)/T − this
         # the loss, the gradient, Σ log q over each boundary group
         loss = tl.zeros((), tl.float64)
         lq_l = tl.zeros((), tl.float64)
@@ -133,8 +141,8 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
             live = cols < V
             t = tl.load(t_ptr + cols, mask=live, other=float("-inf")).to(tl.float32)
             s = tl.load(s_ptr + cols, mask=live, other=0.0).to(tl.float32)
-            p = tl.exp(t * inv_temp - m_t) * inv_z
-            lq = (s * inv_temp - m_s) - log_zs
+            p = tl.exp((t - m_t) * inv_temp) * inv_z  # as in _probs, bit for bit
+            lq = (s - m_s) * inv_temp - log_zs
             in_l = (p == v_l) & live
             in_u = tl.where(tail, (p == v_u) & live & ~in_l, False)
             inner = (p < v_l) & (p > v_u)
@@ -142,7 +150,7 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
                           tl.where(in_u, share_u.to(tl.float32), tl.where(inner, p * inv_norm, 0.0)))
             log_pc = tl.where(in_l, log_share_l.to(tl.float32),
                               tl.where(in_u, log_share_u.to(tl.float32),
-                                       (t * inv_temp - m_t) - log_rest))
+                                       (t - m_t) * inv_temp - log_rest))
             loss += tl.sum(tl.where(pc > 0, pc * (log_pc - lq), 0.0), 0).to(tl.float64)
             lq_l += tl.sum(tl.where(in_l, lq, 0.0), 0).to(tl.float64)
             lq_u += tl.sum(tl.where(in_u, lq, 0.0), 0).to(tl.float64)
@@ -155,8 +163,8 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
         mean_u = tl.where(tail, log_share_u + 1.0 - lq_u / tl.maximum(n_u, 1).to(tl.float64), 0.0)
         tl.store(LOSS + row, (w * loss).to(tl.float32))
         flat = tail & (pre_l == pre_u)  # p̃ = 1/count on one group whatever l and u
-        tl.store(GB + row, tl.where(flat, 0.0, w * (k - mean_l) / width).to(tl.float32))
-        tl.store(GB + N + row, tl.where(flat, 0.0, w * (mean_u - k) / width).to(tl.float32))
+        tl.store(GB + row, (w * tl.where(flat, 0.0, (k - mean_l) / width)).to(tl.float32))
+        tl.store(GB + N + row, (w * tl.where(flat, 0.0, (mean_u - k) / width)).to(tl.float32))
 
 
 def dac_kl_fwd(student, teacher, lower, upper, row_weight, temperature, reduce, grad_student,
