@@ -159,7 +159,8 @@ def row_weights(n_rows, kept, *, scale, reduction, num_items, device, dtype=torc
         return w
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
-            return w / _num_items_tensor(num_items, device, dtype)
+            w = w / _num_items_tensor(num_items, device, dtype)  # NaN when it is bad ...
+            return w if kept is None else torch.where(kept, w, 0.0)  # ... but dropped rows stay 0
         return w / check_real("num_items", num_items, low=0.0, low_open=True)
     if kept is None:
         return w / max(n_rows, 1)

@@ -132,7 +132,14 @@ class DACBoundsHead(torch.nn.Module):
 
     def features(self, teacher_logits):
         with torch.no_grad():
-            logp = torch.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
+            t = teacher_logits.float()
+            m = t.amax(-1, keepdim=True)
+            # A row without a distribution (all −inf padding, NaN, +inf) gets a uniform row's
+            # features, so the head's bounds and gradients stay finite: dac_kl never reads a
+            # dropped row and makes a kept one NaN by its own rule. The maximum is subtracted
+            # before dividing by T.
+            logp = torch.log_softmax(torch.where(torch.isfinite(m), t - m, 0.0) / self.temperature,
+                                     dim=-1)
             k = min(self.k, logp.shape[-1])
             top = logp.topk(k, dim=-1).values.exp()
             if k < self.k:

@@ -409,11 +409,11 @@ def make_tiny_temperature(n=24, v=300, seed=22):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("temperature", [1e-6, 10.0])
+@pytest.mark.parametrize("temperature", [1e-6, 100.0])
 @pytest.mark.parametrize("band", ["forward_kl", "clipped", "random"])
 @pytest.mark.parametrize("t2_scale", [True, False])
 def test_kernels_at_the_temperature_ends(backend, device, temperature, band, t2_scale):
-    """T = 1e-6 and T = 10, the ends of P.check_temperature's range: per-row losses and all
+    """T = 1e-6 and T = 100, the ends of P.check_temperature's range: per-row losses and all
     gradients within the tolerance rule of the float64 reference, for (0, 1) (plain forward
     KL), a fixed clipped band and random bands. Without T² too: at T = 1e-6 the T²-scaled
     losses (~1e-11) sit below the rule's absolute floor of 1e-12 only by a factor of 10."""
@@ -425,11 +425,13 @@ def test_kernels_at_the_temperature_ends(backend, device, temperature, band, t2_
     check(backend, device, (s, t, lo, hi), temperature=temperature, t2_scale=t2_scale)
 
 
-@pytest.mark.parametrize("temperature", [1e-6, 10.0])
+@pytest.mark.parametrize("temperature", [1e-6, 100.0])
 def test_reference_at_the_temperature_ends(temperature):
     """The reference itself: in float64 it is the forward KL at (0, 1) (against an independent
-    float64 formula), and in float32 it stays close to float64 at T = 1e-6 (the row maximum is
-    subtracted before the division by T; dividing first leaves errors of order 1 in x/T)."""
+    float64 formula), and in float32 it stays close to float64 at both ends: at T = 1e-6 the
+    row maximum is subtracted before the division by T (dividing first leaves errors of order 1
+    in x/T); at T = 100 the KL is summed without cancellation (the plain Σ p̃·log(p̃/q) errs
+    ~3e-3 there)."""
     s, t, lo, hi = make_tiny_temperature() if temperature < 1 else make(n=24, v=300, seed=23)
     s64, t64 = s.double(), t.double()
     log_q = torch.log_softmax((s64 - s64.amax(-1, keepdim=True)) / temperature, -1)
@@ -447,10 +449,10 @@ def test_reference_at_the_temperature_ends(temperature):
 
 def test_temperature_range():
     s, t, lo, hi = make(n=3, v=20)
-    for bad_t in (0.0, 9e-7, 10.5, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=r"temperature must be a finite number in \[1e-06, 10"):
+    for bad_t in (0.0, 9e-7, 100.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number in \[1e-06, 100"):
             kdkernels.dac_kl(s, t, lo, hi, temperature=bad_t)
-    for ok_t in (1e-6, 10.0, torch.tensor(2.0)):
+    for ok_t in (1e-6, 100.0, torch.tensor(2.0)):
         assert torch.isfinite(kdkernels.dac_kl(s, t, lo, hi, temperature=ok_t, backend="reference"))
 
 

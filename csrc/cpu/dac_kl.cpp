@@ -36,6 +36,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../kl_term.h"
+
 namespace kdkernels::cpu {
 namespace {
 
@@ -195,7 +197,8 @@ RowOut dac_row(const S* s, const T* t, int64_t v, double lower, double upper, fl
       pc = pj * inv_norm;
       log_pc = (static_cast<float>(t[j]) - m_t) * inv_temp - log_rest;
     }
-    if (pc > 0.f) loss += static_cast<double>(pc) * (log_pc - lq);
+    // Σ p̃·(log p̃ − log q) as Σ q·φ(log p̃ − log q) (kl_term.h): no cancellation at large T
+    loss += kl_term<double>(pc, std::exp(static_cast<double>(lq)), static_cast<double>(log_pc) - lq);
     if (grad != nullptr) grad[j] = static_cast<G>(grad_scale * (std::exp(lq) - pc));
   }
   if (tail && gl.value == gu.value) sum_lq_u = sum_lq_l;  // one group holds both bounds

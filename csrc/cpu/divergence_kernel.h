@@ -36,9 +36,7 @@ inline Vec xlr(const Vec& x, const Vec& lx, const Vec& ly) {  // x·(lx − ly),
   return Vec::blendv(Vec(0.f), x * (lx - ly), x > Vec(0.f));
 }
 
-// y·φ(v) = x·v − x + y, v = log x − log y: the term of KL(x‖y) that is ≥ 0 (see
-// kdkernels/reference/divergence.py kl_term): the series Σ_{n≥2} (n−1)/n!·vⁿ for |v| < 1/2,
-// else x·(v − 1) + y; y where x == 0.
+// kl_term of csrc/kl_term.h (y·φ(log x − log y), the KL term that is ≥ 0), vectorized.
 inline Vec kl_term(const Vec& x, const Vec& y, const Vec& v) {
   const Vec small = v.abs() < Vec(0.5f);
   const Vec vs = Vec::blendv(Vec(0.f), v, small);

@@ -27,6 +27,7 @@
 #include <cuda_fp16.h>
 
 #include "divergence.cuh"
+#include "../kl_term.h"
 
 namespace kdkernels::cuda {
 namespace {
@@ -139,39 +140,25 @@ __device__ __forceinline__ float log_mix(const RowStats& st, float lp, float lq)
   return hi == kNegInf ? kNegInf : hi + log1pf(fast_exp2((lo - hi) * kLog2e));
 }
 
-// y·φ(v) = x·v − x + y, v = log x − log y: the term of KL(x‖y) that is ≥ 0, so a row's loss
-// sums without cancellation as P and Q approach each other (kdkernels/reference/divergence.py
-// kl_term): the series Σ_{n≥2} (n−1)/n!·vⁿ for |v| < 1/2, else x·(v − 1) + y; y where x == 0.
-__device__ __forceinline__ float kl_term(float x, float y, float v) {
-  if (!(x > 0.f)) return y;
-  if (fabsf(v) >= 0.5f) return fmaf(x, v - 1.f, y);
-  float poly = fmaf(v, 1.f / 45360.f, 1.f / 5760.f);
-  poly = fmaf(poly, v, 1.f / 840.f);
-  poly = fmaf(poly, v, 1.f / 144.f);
-  poly = fmaf(poly, v, 1.f / 30.f);
-  poly = fmaf(poly, v, 1.f / 8.f);
-  poly = fmaf(poly, v, 1.f / 3.f);
-  poly = fmaf(poly, v, 0.5f);
-  return y * poly * v * v;
-}
-
 template <int kMode>
 __device__ __forceinline__ Terms terms(float ax, float ay, const RowStats& st, float mix) {
   const float dx = ax - st.m_x, dy = ay - st.m_y;  // −inf for −inf logits: P = 0, log P = −inf
   const float p = fast_exp2(fmaf(dx, st.c2, -st.l2z_x)), q = fast_exp2(fmaf(dy, st.c2, -st.l2z_y));
   const float lp = fmaf(dx, st.c, -st.lz_x), lq = fmaf(dy, st.c, -st.lz_y);
   if constexpr (kMode == kKL) {
-    return {p, q, xlr(p, lp, lq), -p, kl_term(p, q, lp - lq)};
+    return {p, q, xlr(p, lp, lq), -p, kdkernels::kl_term(p, q, lp - lq)};
   } else if constexpr (kMode == kSkew) {
     const float lr = log_mix(st, lp, lq);
     const float p_over_r = p > 0.f ? fast_exp2((lp - lr) * kLog2e) : 0.f;  // ≤ 1/α
     const float r = fmaf(mix, p, (1.f - mix) * q);
-    return {p, q, xlr(p, lp, lr) - mix * p * p_over_r, q * p_over_r, kl_term(p, r, lp - lr)};
+    return {p, q, xlr(p, lp, lr) - mix * p * p_over_r, q * p_over_r,
+            kdkernels::kl_term(p, r, lp - lr)};
   } else if constexpr (kMode == kJSD) {
     const float lm = log_mix(st, lp, lq);
     const float m = fmaf(mix, p, (1.f - mix) * q);
     return {p, q, xlr(p, lp, lm), xlr(q, lq, lm),
-            mix * kl_term(p, m, lp - lm) + (1.f - mix) * kl_term(q, m, lq - lm)};
+            mix * kdkernels::kl_term(p, m, lp - lm) +
+                (1.f - mix) * kdkernels::kl_term(q, m, lq - lm)};
   } else {  // TVD
     const float sg = p > q ? 1.f : (p < q ? -1.f : 0.f);
     return {p, q, p * sg, q * sg, 0.5f * fabsf(p - q)};

@@ -21,6 +21,8 @@ teacher) is NaN, its gradient rows too (no_distribution, the library's NaN rule)
 """
 import torch
 
+from .divergence import kl_sum
+
 from .. import _plumbing as P
 
 
@@ -74,8 +76,7 @@ def dac_kl_rows(student, teacher, lower, upper, *, temperature=1.0):
         t = teacher.detach().to(dtype)
         p = torch.softmax((t - t.amax(-1, keepdim=True)) / temperature, dim=-1)
     p_clip = clipped_teacher(p, lower, upper)
-    live = p_clip > 0
-    log_p = torch.where(live, p_clip, 1.0).log()
-    rows = torch.where(live, p_clip * (log_p - torch.where(live, log_q, 0.0)), 0.0).sum(-1)
+    log_p = torch.where(p_clip > 0, p_clip, 1.0).log()
+    rows = kl_sum(p_clip, log_q.exp(), log_p, log_q)  # Σ p̃·log(p̃/q), cancellation-free
     return P.nan_rows(rows, no_distribution(student.detach(), teacher.detach()), student,
                       lower, upper)

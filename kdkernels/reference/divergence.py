@@ -68,7 +68,7 @@ def _plain(x, lx, ly):
     return torch.where(live, x * (torch.where(live, lx, 0.0) - torch.where(live, ly, 0.0)), 0.0)
 
 
-def _kl_sum(x, y, lx, ly):
+def kl_sum(x, y, lx, ly):
     """Σ over the row of the KL terms of (x, y) = (p, q) or (p, m) and so on, whose y·φ terms
     sum to the KL without cancellation. The value is that sum; the gradient is autograd's
     through the plain Σ x·log(x/y), the same function (the two differ by Σ(y − x), identically
@@ -79,7 +79,7 @@ def _kl_sum(x, y, lx, ly):
 
 def _kl(lx, ly):
     """KL(x‖y) per row from log-probabilities."""
-    return _kl_sum(lx.exp(), ly.exp(), lx, ly)
+    return kl_sum(lx.exp(), ly.exp(), lx, ly)
 
 
 def _log_mix(w, lx, ly):
@@ -149,7 +149,7 @@ def _rows(lp, lq, kind, beta, skew):
     if kind == "jsd":
         lm = _log_mix(beta, lp, lq)
         m = lm.exp()
-        return beta * _kl_sum(lp.exp(), m, lp, lm) + (1.0 - beta) * _kl_sum(lq.exp(), m, lq, lm)
+        return beta * kl_sum(lp.exp(), m, lp, lm) + (1.0 - beta) * kl_sum(lq.exp(), m, lq, lm)
     if kind == "tvd":
         return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
     if kind == "skew_fkl":

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._plumbing import grad_dtype, triton_interpreted
+from ._math import kl_term
 
 
 @triton.jit
@@ -151,7 +152,9 @@ def _dac_kl_fwd_kernel(S, T, LO, HI, W, LOSS, GS, GB, N, V, s_stride, t_stride, 
             log_pc = tl.where(in_l, log_share_l.to(tl.float32),
                               tl.where(in_u, log_share_u.to(tl.float32),
                                        (t - m_t) * inv_temp - log_rest))
-            loss += tl.sum(tl.where(pc > 0, pc * (log_pc - lq), 0.0), 0).to(tl.float64)
+            q = tl.where(live, tl.exp(lq), 0.0)
+            # Σ p̃·(log p̃ − log q) as Σ q·φ(log p̃ − log q) (kl_term): no cancellation at large T
+            loss += tl.sum(kl_term(pc, q, log_pc - lq), 0).to(tl.float64)
             lq_l += tl.sum(tl.where(in_l, lq, 0.0), 0).to(tl.float64)
             lq_u += tl.sum(tl.where(in_u, lq, 0.0), 0).to(tl.float64)
             if GRAD_S:

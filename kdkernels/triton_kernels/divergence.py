@@ -16,7 +16,7 @@ P_k g_k) with g = ∂L/∂P; U_P = c_P⁻¹·P⊙g in closed form, per mode:
     SKEW  U_P = P(lP − lR) − α·P²/R              U_Q = Q·P/R              c = (1, −(1−α))
     JSD   U_P = P(lP − lM)                       U_Q = Q(lQ − lM)         c = (β, 1−β)
     TVD   U_P = P·sign(P−Q)                      U_Q = Q·sign(P−Q)        c = (½, −½)
-The loss sums KL terms in the form y·φ(log x − log y) ≥ 0 (_kl_term), which does not cancel
+The loss sums KL terms in the form y·φ(log x − log y) ≥ 0 (kl_term, in _math.py), which does not cancel
 as P and Q approach each other. Every x·log-ratio term is 0 where x == 0, so −inf logits and
 underflow never give NaN.
 """
@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._plumbing import grad_dtype, triton_interpreted
+from ._math import kl_term
 
 MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
 
@@ -62,24 +63,6 @@ def _xlr(x, lx, ly):
 
 
 @triton.jit
-def _kl_term(x, y, v):
-    """y·φ(v) = x·v − x + y, v = log x − log y: the term of KL(x‖y) that is ≥ 0 (see
-    kdkernels/reference/divergence.py kl_term): the series for |v| < 1/2, else x·(v − 1) + y;
-    y where x == 0."""
-    small = tl.abs(v) < 0.5
-    vs = tl.where(small, v, 0.0)
-    poly = vs * (1.0 / 45360.0) + 1.0 / 5760.0
-    poly = poly * vs + 1.0 / 840.0
-    poly = poly * vs + 1.0 / 144.0
-    poly = poly * vs + 1.0 / 30.0
-    poly = poly * vs + 1.0 / 8.0
-    poly = poly * vs + 1.0 / 3.0
-    poly = poly * vs + 0.5
-    big = x * (tl.where(small, 0.0, v) - 1.0) + y
-    return tl.where(x > 0.0, tl.where(small, y * poly * vs * vs, big), y)
-
-
-@triton.jit
 def _log_mix(log_w, log_1mw, lx, ly):
     """log(w·x + (1−w)·y) from log x, log y, in log space (no underflow to log 0)."""
     u = lx + log_w
@@ -109,10 +92,10 @@ def _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y, mix, log_w
     if MODE == 0:  # KL(P‖Q)
         up = _xlr(p, lp, lq)
         uq = -p
-        el = _kl_term(p, q, lp - lq)
+        el = kl_term(p, q, lp - lq)
     elif MODE == 1:  # KL(P ‖ αP + (1−α)Q)
         lr = _log_mix(log_w, log_1mw, lp, lq)
-        el = _kl_term(p, mix * p + (1.0 - mix) * q, lp - lr)
+        el = kl_term(p, mix * p + (1.0 - mix) * q, lp - lr)
         p_over_r = tl.where(p > 0.0, tl.exp(lp - lr), 0.0)  # ≤ 1/α
         up = _xlr(p, lp, lr) - mix * p * p_over_r
         uq = q * p_over_r
@@ -121,7 +104,7 @@ def _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y, mix, log_w
         up = _xlr(p, lp, lm)
         uq = _xlr(q, lq, lm)
         m = mix * p + (1.0 - mix) * q
-        el = mix * _kl_term(p, m, lp - lm) + (1.0 - mix) * _kl_term(q, m, lq - lm)
+        el = mix * kl_term(p, m, lp - lm) + (1.0 - mix) * kl_term(q, m, lq - lm)
     else:  # ½Σ|P − Q|
         sg = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
         up = p * sg

@@ -1,0 +1,32 @@
+// y·φ(v) = x·v − x + y for probabilities x, y and v = log x − log y: the per-element term of
+// KL(x‖y) = Σ x·log(x/y) plus y − x (which sums to 0 over a row), ≥ 0 everywhere, so a row's
+// KL sums without cancellation as the two distributions approach each other (a large
+// temperature). φ(v) = v·e^v − e^v + 1 = Σ_{n≥2} (n−1)/n!·vⁿ: the series for |v| < 1/2 (the
+// truncation after v⁹ is below 3e-8 of φ), else x·(v − 1) + y; y where x == 0. The spec is
+// kdkernels/reference/divergence.py kl_term; the vectorized CPU copy is in
+// cpu/divergence_kernel.h, the Triton one in kdkernels/triton_kernels/_math.py.
+#pragma once
+
+#if defined(__CUDACC__)
+#define KDK_HOST_DEVICE __host__ __device__
+#else
+#define KDK_HOST_DEVICE
+#endif
+
+namespace kdkernels {
+
+template <typename F>
+KDK_HOST_DEVICE inline F kl_term(F x, F y, F v) {
+  if (!(x > F(0))) return y;
+  if (v >= F(0.5) || v <= F(-0.5)) return x * (v - F(1)) + y;
+  F poly = v * F(1.0 / 45360) + F(1.0 / 5760);
+  poly = poly * v + F(1.0 / 840);
+  poly = poly * v + F(1.0 / 144);
+  poly = poly * v + F(1.0 / 30);
+  poly = poly * v + F(1.0 / 8);
+  poly = poly * v + F(1.0 / 3);
+  poly = poly * v + F(0.5);
+  return y * poly * v * v;
+}
+
+}  // namespace kdkernels
