@@ -42,3 +42,22 @@ def test_good_options_construct_and_run():
     nn.TokenRelationLoss(temperature=2.0, similarity="cosine")(torch.randn(2, 5, 4),
                                                                 torch.randn(2, 5, 6))
     nn.MixingMatrixLoss(squared=True, reduction="none")
+
+
+def test_dac_kl_loss_with_a_nan_teacher_row():
+    """A NaN teacher row is a row without a distribution: DACKLLoss gives NaN for that row (the
+    NaN rule), not an error blaming the bounds, and the head's bounds stay finite for the
+    other rows; a dropped all −inf (padding) row changes nothing, gradients included."""
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16)
+    t[1, 3] = float("nan")
+    t[3] = float("-inf")
+    mask = torch.tensor([True, True, True, False])
+    loss_fn = nn.DACKLLoss(k=4, reduction="none", backend="cpu")
+    rows = loss_fn(s, t, mask=mask)
+    assert rows[1].isnan() and torch.isfinite(rows[[0, 2, 3]]).all() and rows[3] == 0
+    lower, upper = loss_fn.last_bounds
+    assert torch.isfinite(lower[[0, 2, 3]]).all() and torch.isfinite(upper[[0, 2, 3]]).all()
+    t[1, 3] = 0.0  # without the NaN: a dropped padding row leaves the head's gradients finite
+    loss_fn(s, t, mask=mask).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in loss_fn.head.parameters())
