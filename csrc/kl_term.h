@@ -15,18 +15,23 @@
 
 namespace kdkernels {
 
+// Σ_{n≥2} (n−1)/n!·vⁿ⁻² (Horner), for F = float, double or a SIMD vector of floats.
+template <typename F>
+KDK_HOST_DEVICE inline F phi_series(const F& v) {
+  F poly = v * F(1.0f / 45360) + F(1.0f / 5760);
+  poly = poly * v + F(1.0f / 840);
+  poly = poly * v + F(1.0f / 144);
+  poly = poly * v + F(1.0f / 30);
+  poly = poly * v + F(1.0f / 8);
+  poly = poly * v + F(1.0f / 3);
+  return poly * v + F(0.5f);
+}
+
 template <typename F>
 KDK_HOST_DEVICE inline F kl_term(F x, F y, F v) {
   if (!(x > F(0))) return y;
   if (v >= F(0.5) || v <= F(-0.5)) return x * (v - F(1)) + y;
-  F poly = v * F(1.0 / 45360) + F(1.0 / 5760);
-  poly = poly * v + F(1.0 / 840);
-  poly = poly * v + F(1.0 / 144);
-  poly = poly * v + F(1.0 / 30);
-  poly = poly * v + F(1.0 / 8);
-  poly = poly * v + F(1.0 / 3);
-  poly = poly * v + F(0.5);
-  return y * poly * v * v;
+  return y * phi_series(v) * v * v;
 }
 
 }  // namespace kdkernels

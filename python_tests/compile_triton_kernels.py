@@ -18,7 +18,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
 
 PTRS = {"S": "*bf16", "T": "*fp16", "W": "*fp32", "LOSS": "*fp32", "GS": "*bf16", "GT": "*fp16"}
 INTS = {n: "i64" for n in ("s_stride", "t_stride", "gs_stride", "gt_stride")} | {"V": "i32"}
-FLOATS = {n: "fp32" for n in ("temperature", "mix", "lam", "c_p", "c_q", "gs_factor", "gt_factor")}
+FLOATS = {n: "fp32" for n in ("inv_t", "mix", "lam", "c_p", "c_q", "gs_factor", "gt_factor")}
 
 
 def variants():
@@ -42,9 +42,11 @@ MM_KERNELS = [  # (kernel, its other arguments' types, extra constexprs)
 
 
 TR_KERNELS = [  # (kernel, its other pointers, COLS for the backward kernel or None)
-    (tr._tr_fwd_kernel, {"MASK": "*i8", "ROWS": "*fp32", "STATS": "*fp32"}, None),
-    (tr._tr_bwd_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "OUT": "*fp32"}, False),
-    (tr._tr_bwd_kernel, {"MASK": "*i8", "STATS": "*fp32", "GRAD": "*fp32", "OUT": "*fp32"}, True),
+    (tr._tr_fwd_kernel, {"MASK": "*i8", "BAD": "*i8", "ROWS": "*fp32", "STATS": "*fp32"}, None),
+    (tr._tr_bwd_kernel, {"MASK": "*i8", "BAD": "*i8", "STATS": "*fp32", "GRAD": "*fp32",
+                         "OUT": "*fp32"}, False),
+    (tr._tr_bwd_kernel, {"MASK": "*i8", "BAD": "*i8", "STATS": "*fp32", "GRAD": "*fp32",
+                         "OUT": "*fp32"}, True),
 ]
 
 

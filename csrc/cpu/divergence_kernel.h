@@ -23,6 +23,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../kl_term.h"
 #include "divergence.h"
 
 namespace kdkernels::cpu {
@@ -40,13 +41,7 @@ inline Vec xlr(const Vec& x, const Vec& lx, const Vec& ly) {  // x·(lx − ly),
 inline Vec kl_term(const Vec& x, const Vec& y, const Vec& v) {
   const Vec small = v.abs() < Vec(0.5f);
   const Vec vs = Vec::blendv(Vec(0.f), v, small);
-  Vec poly = vs * Vec(1.f / 45360.f) + Vec(1.f / 5760.f);
-  poly = poly * vs + Vec(1.f / 840.f);
-  poly = poly * vs + Vec(1.f / 144.f);
-  poly = poly * vs + Vec(1.f / 30.f);
-  poly = poly * vs + Vec(1.f / 8.f);
-  poly = poly * vs + Vec(1.f / 3.f);
-  poly = poly * vs + Vec(0.5f);
+  const Vec poly = phi_series(vs);
   const Vec big = x * (Vec::blendv(v, Vec(0.f), small) - Vec(1.f)) + y;
   return Vec::blendv(y, Vec::blendv(big, y * poly * vs * vs, small), x > Vec(0.f));
 }
