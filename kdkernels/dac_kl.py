@@ -68,7 +68,7 @@ def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_
             tensors in eager mode); elsewhere (inside torch.compile, CUDA tensors) that row's
             loss and gradients are NaN, as they are for a NaN in a tensor bound (the NaN rule
             below). Dropped rows' bands are never read.
-        temperature: T in [1e-6, 10], divides both logits; t2_scale multiplies each row's loss
+        temperature: T in [1e-6, 100], divides both logits; t2_scale multiplies each row's loss
             by T².
         labels/ignore_index, mask, reduction, num_items: as in kdkernels.divergence.
         backend: "auto", "reference" (sorts each row: the spec), "cpu" (C++, no sort),

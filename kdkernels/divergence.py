@@ -20,7 +20,7 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
         kind: "fkl" KL(p‖q) · "rkl" KL(q‖p) · "jsd" β·KL(p‖m)+(1−β)·KL(q‖m), m=βp+(1−β)q ·
             "tvd" ½Σ|p−q| · "skew_fkl" KL(p‖αp+(1−α)q) · "skew_rkl" KL(q‖αq+(1−α)p);
             p = softmax(teacher/T), q = softmax(student/T).
-        temperature: T in [1e-6, 100], divides both logits (README: "Numerics" says why).
+        temperature: T in [1e-6, 100], divides both logits (README: "Edge semantics" says why).
         beta: β in [0, 1] for "jsd"; β=0 is exactly "fkl", β=1 exactly "rkl" (TRL's convention).
         skew: α in [0, 1) for the skew kinds (α = 0 is the plain KL).
         taid_t: TAID's λ in [0, 1]; the target becomes softmax(((1−λ)·sg(s) + λ·t)/T).

@@ -9,11 +9,14 @@ from .mixing_matrix import mixing_matrix_loss
 from .token_relation import token_relation_loss
 
 
-def _validate_now(fn, *example, **options):
+def _validate_now(fn, *example, has_cuda=True, **options):
     """Modules check their options at construction, not at the first step: one call of the
     loss on a tiny example on the reference backend (unknown or bad options raise there), and
-    the backend choice itself."""
-    P.check_choice("backend", options.get("backend", "auto"), P.BACKENDS)
+    the backend choice itself (has_cuda: whether the family has CUDA C++ kernels)."""
+    backend = P.check_choice("backend", options.get("backend", "auto"), P.BACKENDS)
+    if backend == "cuda" and not has_cuda:
+        raise ValueError(f"{fn.__name__} has no CUDA C++ kernels; use backend='triton' (GPU), "
+                         f"'cpu' or 'reference'")
     fn(*example, **{**options, "backend": "reference"})
 
 
@@ -92,7 +95,8 @@ class TokenRelationLoss(torch.nn.Module):
         for per_call in ("student_keys", "teacher_keys", "mask"):
             if per_call in options:
                 raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
-        _validate_now(token_relation_loss, torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), **options)
+        _validate_now(token_relation_loss, torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), has_cuda=False,
+                      **options)
         self.options = options
 
     def forward(self, student_feats, teacher_feats, student_keys=None, teacher_keys=None,
@@ -170,7 +174,8 @@ class DACKLLoss(torch.nn.Module):
         for per_call in ("labels", "mask", "num_items", "lower", "upper"):
             if per_call in options:
                 raise TypeError(f"{per_call} is given per call (or by the head), not to the module")
-        _validate_now(dac_kl, torch.zeros(1, 2), torch.zeros(1, 2), 0.0, 1.0, **options)
+        _validate_now(dac_kl, torch.zeros(1, 2), torch.zeros(1, 2), 0.0, 1.0, has_cuda=False,
+                      **options)
         self.head = head if head is not None else DACBoundsHead(
             k=k, width=width, temperature=options.get("temperature", 1.0))
         self.options = options

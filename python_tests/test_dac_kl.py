@@ -606,3 +606,13 @@ def test_reference_double_backward():
     assert torch.autograd.gradgradcheck(
         lambda x: kdkernels.dac_kl(x, t.double(), lo, hi, reduction="none", backend="reference"),
         (s,))
+
+
+@pytest.mark.parametrize("backend,device", KERNELS + [pytest.param("reference", "cpu", id="reference")])
+def test_infinite_row(backend, device):
+    """A student −inf where the clipped teacher has mass: KL is +inf on every backend, not NaN."""
+    s, t, lo, hi = make(n=3, v=20)
+    s, t = s.to(device), t.to(device)
+    s[1, int(t[1].argmax())] = float("-inf")
+    loss = kdkernels.dac_kl(s, t, 0.0, 1.0, reduction="none", backend=backend).cpu()
+    assert loss[1] == float("inf") and torch.isfinite(loss[[0, 2]]).all(), loss

@@ -725,7 +725,8 @@ def test_empty_backend_variable_means_unset(monkeypatch):
     _bad("KDKERNELS_BACKEND")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"] + (["triton"] if HAS_TRITON and TRITON_ON_CPU
+                                                             else []))
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiled_bad_num_items_is_nan(backend, compiler):
     """Inside a compiled graph the eager ValueError cannot be raised: the loss is NaN instead."""
@@ -740,3 +741,15 @@ def test_compiled_bad_num_items_is_nan(backend, compiler):
     torch.testing.assert_close(good, step(s, t, torch.tensor(8.0)))
     for n in (0.0, -4.0, float("inf"), float("nan")):
         assert fn(s, t, torch.tensor(n)).isnan(), n
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_REF)
+def test_genuinely_infinite_rows(backend, device):
+    """rkl where the teacher is −inf and the student is not (fkl: the other way round) is +inf
+    on every backend, not NaN: −inf entries are valid, and the cancellation-free sum keeps it."""
+    for kind, side in (("rkl", "teacher"), ("fkl", "student")):
+        s = logits((3, 50), torch.float32, device, seed=71)
+        t = logits((3, 50), torch.float32, device, seed=72)
+        (t if side == "teacher" else s)[1, 4] = float("-inf")
+        loss = kdkernels.divergence(s, t, kind=kind, reduction="none", backend=backend).cpu()
+        assert loss[1] == float("inf") and torch.isfinite(loss[[0, 2]]).all(), (kind, loss)

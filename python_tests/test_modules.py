@@ -24,6 +24,10 @@ BAD = [
     (lambda: nn.DACKLLoss(t2_scale=1), TypeError, "t2_scale"),
     (lambda: nn.DACBoundsHead(temperature=0), ValueError, "temperature"),
     (lambda: nn.DACBoundsHead(k=0), ValueError, "k"),
+    (lambda: nn.DACKLLoss(backend="cuda"), ValueError, "no CUDA"),
+    (lambda: nn.TokenRelationLoss(backend="cuda"), ValueError, "no CUDA"),
+    (lambda: nn.MixingMatrixLoss(backend="cuda"), ValueError, "no CUDA"),
+    (lambda: nn.TokenRelationLoss(temperature=20.0), ValueError, "temperature"),
 ]
 
 

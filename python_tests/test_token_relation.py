@@ -131,9 +131,9 @@ def test_bad_inputs():
     bad(ValueError, "student_keys must have the shape", student_keys=feats(2, 5, 3), teacher_keys=t)
     bad(ValueError, "temperature", temperature=0.0)
     bad(ValueError, "teacher_temperature", teacher_temperature=-1.0)
-    bad(ValueError, r"temperature must be a finite number in \[1e-06, 100.0\]", temperature=100.5)
+    bad(ValueError, r"temperature must be a finite number in \[1e-06, 10.0\]", temperature=10.5)
     bad(ValueError, "temperature", temperature=9e-7)
-    bad(ValueError, "teacher_temperature", teacher_temperature=100.5)
+    bad(ValueError, "teacher_temperature", teacher_temperature=10.5)
     bad(ValueError, "teacher_temperature", teacher_temperature=float("nan"))
     bad(TypeError, "temperature", temperature="1")
     bad(ValueError, "similarity", similarity="l2")
@@ -346,14 +346,14 @@ def test_cpu_kernel_under_inductor_with_strided_features():
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("temperature,teacher_temperature",
-                         [(1e-6, None), (100.0, None), (1e-6, 100.0), (100.0, 1e-6)])
+                         [(1e-6, None), (10.0, None), (1e-6, 10.0), (10.0, 1e-6)])
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("keys", [False, True])
 def test_temperature_range_ends(backend, device, temperature, teacher_temperature, similarity,
                                 keys):
-    """Both ends of the accepted range, [1e-6, 100], for either model: at 1e-6 the relation
+    """Both ends of the accepted range, [1e-6, 10], for either model: at 1e-6 the relation
     logits are ~1e6 (one-hot rows; with keys the two models' rows peak at different tokens,
-    KL ~1e6), at 100 near-uniform rows. The tolerance rule, unchanged."""
+    KL ~1e6), at 10 near-uniform rows. The tolerance rule, unchanged."""
     case = make_case(t=100, keys=keys, seed=17)
     for loss in ("kl", "mse"):
         check(backend, device, case, similarity=similarity, loss=loss, temperature=temperature,
@@ -501,6 +501,6 @@ def test_tensor_temperature_is_checked_under_compile():
 
     compiled = torch.compile(fn, backend="aot_eager")
     torch.testing.assert_close(compiled(fs, torch.tensor(0.5)), fn(fs, 0.5))
-    for bad in (0.0, 200.0, float("nan")):
+    for bad in (0.0, 20.0, float("nan")):
         with pytest.raises(ValueError, match="temperature"):
             compiled(fs, torch.tensor(bad))

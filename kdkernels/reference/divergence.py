@@ -76,7 +76,8 @@ def kl_sum(x, y, lx, ly):
     through the plain Σ x·log(x/y), the same function (the two differ by Σ(y − x), identically
     0), whose derivative U − P·ΣU is also the closed form the kernels compute."""
     plain = _plain(x, lx, ly).sum(-1)
-    return plain + (kl_term(x, y, lx - ly).sum(-1) - plain).detach()
+    exact = (kl_term(x, y, lx - ly).sum(-1) - plain).detach()
+    return plain + torch.where(torch.isfinite(plain), exact, 0.0)  # +inf (x > 0 = y) stays
 
 
 def _kl(lx, ly):
