@@ -43,11 +43,7 @@ def _backward(ctx, grad_loss, _unused_gs, _unused_gb):
     if grad_loss is None:
         return (None,) * len(SCHEMA_ARGS)
     d_bounds = gb * grad_loss  # (2, N) times a scalar, or times per-row factors
-    if gs.dim() == 2 and gs.numel() == 0:  # asked for, but there are no rows: empty, not None
-        d_student = gs.to(ctx.dtypes[0])
-    else:
-        d_student = scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0])
-    return (d_student, None,
+    return (scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]), None,
             d_bounds[0].to(ctx.dtypes[1]), d_bounds[1].to(ctx.dtypes[2])) + \
         (None,) * (len(SCHEMA_ARGS) - 4)
 
