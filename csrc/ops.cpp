@@ -18,6 +18,11 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def("divergence_fwd(Tensor student, Tensor teacher, Tensor row_weight, int mode, bool swap, "
         "float mix, float temperature, float taid, bool reduce, bool grad_student, "
         "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // The same rows into the caller's buffers (kdkernels/ops/divergence.py: rows_into), for the
+  // ops built on them; grad_student may be the student buffer itself (in place).
+  m.def("divergence_rows_out(Tensor student, Tensor teacher, Tensor row_weight, int mode, "
+        "bool swap, float mix, float temperature, float taid, Tensor(a!) loss_rows, "
+        "Tensor(b!)? grad_student, Tensor(c!)? grad_teacher) -> ()");
   // See kdkernels/ops/mixing_matrix.py.
   m.def("mixing_matrix_fwd(Tensor q, Tensor k, Tensor C, Tensor B, Tensor log_decay, Tensor? D, "
         "float scale, bool squared, Tensor? teacher_lse) -> (Tensor, Tensor, Tensor)");

@@ -7,12 +7,14 @@ See README.md for the API, backends and measured numbers."""
 from . import nn
 from .dac_kl import dac_kl
 from .divergence import KINDS, divergence, jsd, kl_div, reverse_kl, tvd
+from .fused_linear import FusedLinearDivergenceOutput, fused_linear_divergence
 from .mixing_matrix import mixing_matrix_loss
 from .token_relation import token_relation_loss
 
 __version__ = "0.1.0"
-__all__ = ["KINDS", "backend_info", "dac_kl", "divergence", "jsd", "kl_div", "mixing_matrix_loss", "nn",
-           "reverse_kl", "token_relation_loss", "tvd"]
+__all__ = ["KINDS", "FusedLinearDivergenceOutput", "backend_info", "dac_kl", "divergence",
+           "fused_linear_divergence", "jsd", "kl_div", "mixing_matrix_loss", "nn", "reverse_kl",
+           "token_relation_loss", "tvd"]
 
 
 def backend_info():

@@ -1,18 +1,11 @@
-"""Shared plumbing for every op family: argument checks, row masks and reductions,
-dtype rules and backend choice. Written once; each op family calls into it."""
+"""Shared plumbing for every op family: argument checks, row masks and reductions and dtype
+rules. Written once; each op family calls into it. (Backend choice: _backend.py.)"""
 import numbers
-import os
 
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-# "auto" prefers the CUDA C++ kernels over Triton on GPUs (for the families that have them) once
-# they have passed the test suite on a GPU: the divergence kernels did on an H200 on 2026-11-29
-# (bench/results/2026-11-29-h200.md), where they also ran as fast as Triton or faster in 10 of
-# 12 benchmark cases.
-CUDA_BACKEND_VERIFIED = True
 REDUCTIONS = ("mean", "sum", "none")
 # The temperatures every family accepts. As T grows, p and q approach uniform and a divergence
 # (∝ 1/T² before the T² factor) is the small sum of terms ~1/T: the divergence kernels sum terms
@@ -235,73 +228,3 @@ def as_rows(x):
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows
-
-
-# ------------------------------------------------------------------------------ backends
-def triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_importable():
-    try:
-        import triton  # noqa: F401, PLC0415
-        return True
-    except ImportError:
-        return False
-
-
-def resolve_backend(backend, device, dtypes, *, native_op=None, family="divergence"):
-    """Pick the backend for tensors on `device` with `dtypes`.
-
-    native_op: the C++ op (torch.ops.kdkernels.X) or None; 'cpu' / 'cuda' availability is
-    whether that op has a kernel for the device's dispatch key."""
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        env = os.environ.get("KDKERNELS_BACKEND") or "auto"  # set but empty: unset
-        if env not in BACKENDS:
-            raise ValueError(f"KDKERNELS_BACKEND must be one of {', '.join(BACKENDS)}; got {env!r}")
-        backend = env
-    from . import _extension  # noqa: PLC0415 (kept lazy: loading may JIT-build)
-
-    if backend == "auto":
-        if any(d == torch.float64 for d in dtypes):
-            return "reference"
-        if device.type == "cuda":
-            cuda_built = _extension.native_available(family, "CUDA")
-            if cuda_built and (CUDA_BACKEND_VERIFIED or not _triton_importable()):
-                return "cuda"
-            backend = "triton"  # checked below: triton must be importable
-        elif device.type == "cpu":
-            return "cpu" if _extension.native_available(family, "CPU", warn=True) else "reference"
-        else:
-            return "reference"
-
-    if backend in ("cpu", "cuda", "triton") and any(d == torch.float64 for d in dtypes):
-        raise TypeError(f"backend={backend!r} takes float32, bfloat16 or float16 logits; "
-                        f"float64 runs on backend='reference' (or 'auto')")
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got {device}; use 'auto', "
-                             f"'triton' or 'cuda' for GPU tensors")
-        if not _extension.native_available(family, "CPU", warn=True):
-            return "reference"  # the loader warned once, saying why and how to fix it
-    elif backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device}")
-        if not _extension.native_available(family, "CUDA"):
-            raise ValueError("backend='cuda' is not available: kdkernels was built without its "
-                             "CUDA kernels (rebuild on a machine with nvcc, or with "
-                             "KDKERNELS_FORCE_CUDA=1); use backend='triton' (or 'auto')")
-    elif backend == "triton":
-        if device.type == "cpu" and not triton_interpreted():
-            raise ValueError("backend='triton' with CPU tensors needs the Triton interpreter: "
-                             "set TRITON_INTERPRET=1 before triton is imported, or use "
-                             "backend='cpu' / 'auto'")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' needs CUDA (or CPU, interpreted) tensors, got {device}")
-        try:
-            import triton  # noqa: F401, PLC0415
-        except ImportError as e:
-            raise ValueError("backend='triton' (the default for CUDA tensors) needs the triton "
-                             "package: pip install triton") from e
-    return backend

@@ -1,9 +1,11 @@
-"""torch.nn.Module wrappers: hold the loss options, take (student_logits, teacher_logits)."""
+"""torch.nn.Module wrappers: hold the loss options, take the tensors per call."""
 import torch
 
+from . import _backend as B
 from . import _plumbing as P
 from .dac_kl import dac_kl
 from .divergence import divergence
+from .fused_linear import fused_linear_divergence
 from .mixing_matrix import check_options as check_mixing_matrix_options
 from .mixing_matrix import mixing_matrix_loss
 from .token_relation import token_relation_loss
@@ -13,7 +15,7 @@ def _validate_now(fn, *example, has_cuda=True, **options):
     """Modules check their options at construction, not at the first step: one call of the
     loss on a tiny example on the reference backend (unknown or bad options raise there), and
     the backend choice itself (has_cuda: whether the family has CUDA C++ kernels)."""
-    backend = P.check_choice("backend", options.get("backend", "auto"), P.BACKENDS)
+    backend = P.check_choice("backend", options.get("backend", "auto"), B.BACKENDS)
     if backend == "cuda" and not has_cuda:
         raise ValueError(f"{fn.__name__} has no CUDA C++ kernels; use backend='triton' (GPU), "
                          f"'cpu' or 'reference'")
@@ -64,6 +66,43 @@ class TVDLoss(DivergenceLoss):
 
     def __init__(self, **options):
         super().__init__(kind="tvd", **options)
+
+
+class FusedLinearDivergenceLoss(torch.nn.Module):
+    """Module form of kdkernels.fused_linear_divergence; keyword options are the same.
+
+    forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+    mask=None, num_items=None, student_bias=None, teacher_bias=None, taid_t=None): the weights
+    are given per call (the models own them: lm_head.weight, tied embeddings)."""
+
+    PER_CALL = ("labels", "mask", "num_items", "student_bias", "teacher_bias")
+
+    def __init__(self, **options):
+        super().__init__()
+        for per_call in self.PER_CALL:
+            if per_call in options:
+                raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
+        self.options = options
+        example = (torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, 2), torch.zeros(3, 2))
+        labels = torch.zeros(1, dtype=torch.long) if options.get("hard_label_weight") else None
+        vocab = options.get("vocab_size")
+        if vocab is not None and P.check_int("vocab_size", vocab) < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab}")
+        # (vocab_size is checked against the weights per call; the example's V is 3)
+        _validate_now(fused_linear_divergence, *example, labels=labels,
+                      **{**options, "vocab_size": None})
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                labels=None, mask=None, num_items=None, student_bias=None, teacher_bias=None,
+                taid_t=None):
+        options = self.options if taid_t is None else {**self.options, "taid_t": taid_t}
+        return fused_linear_divergence(student_hidden, student_weight, teacher_hidden,
+                                       teacher_weight, labels=labels, mask=mask,
+                                       num_items=num_items, student_bias=student_bias,
+                                       teacher_bias=teacher_bias, **options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 class MixingMatrixLoss(torch.nn.Module):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels import _plumbing
+from kdkernels import _backend, _plumbing
 from kdkernels.reference.divergence import divergence_rows
 
 from helpers import HAS_TRITON, TRITON_ON_CPU, UNIT, assert_matches, kernel_cases
@@ -436,14 +436,14 @@ def test_aliases_and_modules():
 
 def test_auto_backend_choice(monkeypatch):
     dev = torch.device("cpu")
-    assert _plumbing.resolve_backend("auto", dev, (torch.float32, torch.float32)) == "cpu"
-    assert _plumbing.resolve_backend("auto", dev, (torch.float64, torch.float32)) == "reference"
+    assert _backend.resolve_backend("auto", dev, (torch.float32, torch.float32)) == "cpu"
+    assert _backend.resolve_backend("auto", dev, (torch.float64, torch.float32)) == "reference"
     monkeypatch.setenv("KDKERNELS_BACKEND", "reference")
-    assert _plumbing.resolve_backend("auto", dev, (torch.float32, torch.float32)) == "reference"
-    assert _plumbing.resolve_backend("cpu", dev, (torch.float32, torch.float32)) == "cpu"
+    assert _backend.resolve_backend("auto", dev, (torch.float32, torch.float32)) == "reference"
+    assert _backend.resolve_backend("cpu", dev, (torch.float32, torch.float32)) == "cpu"
     monkeypatch.setenv("KDKERNELS_BACKEND", "fast")
     with pytest.raises(ValueError, match="KDKERNELS_BACKEND"):
-        _plumbing.resolve_backend("auto", dev, (torch.float32,))
+        _backend.resolve_backend("auto", dev, (torch.float32,))
 
 
 def test_fallback_warns_once_and_is_correct():
@@ -719,7 +719,7 @@ def test_argument_types():
 def test_empty_backend_variable_means_unset(monkeypatch):
     s, t = logits((4, 10), torch.float32, "cpu"), logits((4, 10), torch.float32, "cpu")
     monkeypatch.setenv("KDKERNELS_BACKEND", "")
-    assert _plumbing.resolve_backend("auto", s.device, (s.dtype,)) in ("cpu", "reference")
+    assert _backend.resolve_backend("auto", s.device, (s.dtype,)) in ("cpu", "reference")
     kdkernels.divergence(s, t)
     monkeypatch.setenv("KDKERNELS_BACKEND", "bogus")
     _bad("KDKERNELS_BACKEND")

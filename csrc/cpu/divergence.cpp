@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -66,12 +67,21 @@ void check_logits(const at::Tensor& x, const char* name) {
               " must have unit stride along V");
 }
 
+void check_grad_buffer(const at::Tensor& g, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 2 && g.sizes() == input.sizes() &&
+                  g.is_contiguous() && g.scalar_type() == grad_dtype(input.scalar_type()),
+              "kdkernels.divergence_rows_out (cpu): ", name, " must be a contiguous CPU tensor ",
+              "shaped like its logits ", input.sizes(), " in ", grad_dtype(input.scalar_type()),
+              ", got ", g.sizes(), " ", g.scalar_type());
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    int64_t mode, bool swap, double mix, double temperature, double taid, bool reduce,
-    bool grad_student, bool grad_teacher) {
+void divergence_rows_into(const at::Tensor& student, const at::Tensor& teacher,
+                          const at::Tensor& row_weight, int64_t mode, bool swap, double mix,
+                          double temperature, double taid, at::Tensor& loss_rows,
+                          const std::optional<at::Tensor>& grad_student,
+                          const std::optional<at::Tensor>& grad_teacher) {
   check_logits(student, "student");
   check_logits(teacher, "teacher");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "kdkernels.divergence_fwd: shapes differ");
@@ -79,12 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   const int64_t n = student.size(0), v = student.size(1);
   const at::Tensor w = row_weight.to(at::kFloat).contiguous();
   TORCH_CHECK(w.dim() == 1 && w.size(0) == n, "kdkernels.divergence_fwd: row_weight must be (N,)");
-
-  at::Tensor loss_rows = at::empty({n}, student.options().dtype(at::kFloat));
-  const auto gs_opt = student.options().dtype(grad_dtype(student.scalar_type()));
-  const auto gt_opt = teacher.options().dtype(grad_dtype(teacher.scalar_type()));
-  at::Tensor gs = grad_student ? empty_rows(n, v, gs_opt) : at::empty({0}, gs_opt);
-  at::Tensor gt = grad_teacher ? empty_rows(n, v, gt_opt) : at::empty({0}, gt_opt);
+  TORCH_CHECK(loss_rows.device().is_cpu() && loss_rows.scalar_type() == at::kFloat &&
+                  loss_rows.dim() == 1 && loss_rows.size(0) == n && loss_rows.is_contiguous(),
+              "kdkernels.divergence_rows_out (cpu): loss_rows must be a contiguous float32 (N,)");
+  const bool gs = grad_student.has_value() && grad_student->defined();
+  const bool gt = grad_teacher.has_value() && grad_teacher->defined();
+  if (gs) check_grad_buffer(*grad_student, student, "grad_student");
+  if (gt) check_grad_buffer(*grad_teacher, teacher, "grad_teacher");
 
   DivergenceParams p{};
   p.student = student.data_ptr();
@@ -93,10 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   p.teacher_stride = teacher.stride(0);
   p.student_dtype = student.scalar_type();
   p.teacher_dtype = teacher.scalar_type();
-  p.grad_student = grad_student ? gs.data_ptr() : nullptr;
-  p.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
-  p.grad_student_dtype = gs.scalar_type();
-  p.grad_teacher_dtype = gt.scalar_type();
+  p.grad_student = gs ? grad_student->data_ptr() : nullptr;
+  p.grad_teacher = gt ? grad_teacher->data_ptr() : nullptr;
+  p.grad_student_dtype = grad_dtype(student.scalar_type());
+  p.grad_teacher_dtype = grad_dtype(teacher.scalar_type());
   p.row_weight = w.data_ptr<float>();
   p.loss_rows = loss_rows.data_ptr<float>();
   p.n_rows = n;
@@ -109,10 +120,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
     const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, n / (4 * at::get_num_threads() + 1)));
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { rows_fn(p, b, e); });
   }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+    int64_t mode, bool swap, double mix, double temperature, double taid, bool reduce,
+    bool grad_student, bool grad_teacher) {
+  check_logits(student, "student");
+  check_logits(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "kdkernels.divergence_fwd: shapes differ");
+  const int64_t n = student.size(0), v = student.size(1);
+  at::Tensor loss_rows = at::empty({n}, student.options().dtype(at::kFloat));
+  const auto gs_opt = student.options().dtype(grad_dtype(student.scalar_type()));
+  const auto gt_opt = teacher.options().dtype(grad_dtype(teacher.scalar_type()));
+  at::Tensor gs = grad_student ? empty_rows(n, v, gs_opt) : at::empty({0}, gs_opt);
+  at::Tensor gt = grad_teacher ? empty_rows(n, v, gt_opt) : at::empty({0}, gt_opt);
+  divergence_rows_into(student, teacher, row_weight, mode, swap, mix, temperature, taid, loss_rows,
+                       grad_student ? std::optional<at::Tensor>(gs) : std::nullopt,
+                       grad_teacher ? std::optional<at::Tensor>(gt) : std::nullopt);
   at::Tensor loss = reduce ? loss_rows.to(at::kDouble).sum().to(at::kFloat) : loss_rows;
   return {loss, gs, gt};
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("divergence_fwd", &divergence_fwd_cpu); }
+void divergence_rows_out_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                             const at::Tensor& row_weight, int64_t mode, bool swap, double mix,
+                             double temperature, double taid, at::Tensor loss_rows,
+                             const std::optional<at::Tensor>& grad_student,
+                             const std::optional<at::Tensor>& grad_teacher) {
+  divergence_rows_into(student, teacher, row_weight, mode, swap, mix, temperature, taid, loss_rows,
+                       grad_student, grad_teacher);
+}
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("divergence_fwd", &divergence_fwd_cpu);
+  m.impl("divergence_rows_out", &divergence_rows_out_cpu);
+}
 
 }  // namespace kdkernels::cpu

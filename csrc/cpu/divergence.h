@@ -3,7 +3,9 @@
 // (divergence_{avx512,avx2,default}.cpp); divergence.cpp picks one at run time.
 #pragma once
 #include <cstdint>
+#include <optional>
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 namespace kdkernels::cpu {
@@ -41,5 +43,17 @@ using DivergenceRowsFn = void (*)(const DivergenceParams&, int64_t row_begin, in
 void divergence_rows_default(const DivergenceParams&, int64_t, int64_t);
 void divergence_rows_avx2(const DivergenceParams&, int64_t, int64_t);
 void divergence_rows_avx512(const DivergenceParams&, int64_t, int64_t);
+
+// The row launcher behind kdkernels::divergence_fwd and kdkernels::divergence_rows_out, for ops
+// that build on the divergence rows (fused linear + divergence): (N, V) logits with any row
+// stride and unit column stride; writes loss_rows (N,) float32 (w_i·L_i) and the requested
+// gradients into the caller's contiguous (N, V) buffers in grad_dtype(input). A gradient buffer
+// may be its own (contiguous) logits: every row is read into scratch before its gradient is
+// written.
+void divergence_rows_into(const at::Tensor& student, const at::Tensor& teacher,
+                          const at::Tensor& row_weight, int64_t mode, bool swap, double mix,
+                          double temperature, double taid, at::Tensor& loss_rows,
+                          const std::optional<at::Tensor>& grad_student,
+                          const std::optional<at::Tensor>& grad_teacher);
 
 }  // namespace kdkernels::cpu

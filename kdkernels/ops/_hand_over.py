@@ -45,8 +45,9 @@ def scale(grad, grad_loss, reduce, dtype):
     input's dtype. The factor is never rounded to the gradient's dtype first (a GradScaler's
     2^16 is inf in fp16); fp16 gradients arrive in fp32 and are rounded once, at the end.
     A gradient that was not asked for is the kernels' 1-d placeholder of shape (0,): None; an
-    asked one with no rows, (0, V), is returned as such (autograd then sets a (0, V) .grad)."""
-    if grad_loss is None or grad.dim() == 1:
+    asked one with no rows, (0, V), is returned as such (autograd then sets a (0, V) .grad).
+    (A bias gradient (V,) is 1-d too, but never empty: V ≥ 1.)"""
+    if grad_loss is None or (grad.dim() == 1 and grad.shape[0] == 0):
         return None
     factor = grad_loss if reduce else grad_loss.unsqueeze(-1)
     if not (eager(grad) and eager(grad_loss)):

@@ -2,6 +2,9 @@
 
     kdkernels::divergence_fwd          C++ op (csrc/ops.cpp): CPU kernel in csrc/cpu/divergence.cpp
     kdkernels::divergence_fwd_triton   Triton kernels in kdkernels/triton_kernels/divergence.py
+    kdkernels::divergence_rows_out     C++ op: the same rows into the caller's buffers (CPU, CUDA)
+    rows_into                          the row launcher of every backend, for the ops built on
+                                       these kernels (fused linear + divergence, ...)
 
 Both take logits as (N, V) rows (any row stride, unit column stride) and return
     loss          Σ_i w_i·L_i (shape ()) if reduce, else w_i·L_i per row (shape (N,)), float32
@@ -75,6 +78,23 @@ def divergence_fwd_triton(student: Tensor, teacher: Tensor, row_weight: Tensor, 
 
 
 register_fake_and_autograd("divergence_fwd_triton", _fake, _backward, _setup_context)
+
+
+def rows_into(backend, student, teacher, row_weight, mode, swap, mix, temperature, taid,
+              loss_rows, grad_student=None, grad_teacher=None):
+    """The divergence rows of a kernel backend ('cpu', 'cuda', 'triton') into the caller's
+    buffers: loss_rows (N,) float32 gets w_i·L_i, and grad_student / grad_teacher (contiguous
+    (N, V), dtype grad_dtype(input)), when given, the gradients of those weighted losses. A
+    gradient buffer may be its own logits (in place). Eager, no autograd: the building block
+    that ops built on the divergence kernels call per chunk (kdkernels/ops/fused_linear.py)."""
+    args = (student, teacher, row_weight, mode, swap, mix, temperature, taid, loss_rows,
+            grad_student, grad_teacher)
+    if backend == "triton":
+        from ..triton_kernels.divergence import divergence_rows  # noqa: PLC0415 (imports triton)
+
+        divergence_rows(*args)
+    else:
+        torch.ops.kdkernels.divergence_rows_out(*args)
 
 
 def register_native():

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._plumbing import grad_dtype, triton_interpreted
+from .._backend import triton_interpreted
+from .._plumbing import grad_dtype
 from ._math import kl_term
 
 

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._plumbing import grad_dtype, triton_interpreted
+from .._backend import triton_interpreted
+from .._plumbing import grad_dtype
 from ._math import kl_term
 
 MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
@@ -209,6 +210,34 @@ def _coefficients(mode, mix):
     return 0.5, -0.5
 
 
+def divergence_rows(student, teacher, row_weight, mode, swap, mix, temperature, taid, loss_rows,
+                    grad_student=None, grad_teacher=None):
+    """The row launcher other ops reuse (kdkernels/ops/divergence.py: rows_into): (N, V) logits
+    (any row stride, unit column stride) → loss_rows (N,) float32 and the gradients asked for,
+    into the caller's (N, V) buffers (unit column stride, dtype grad_dtype(input)). A gradient
+    buffer may be its own logits: each block of a row is loaded before its gradient is stored."""
+    n, v = student.shape
+    if n == 0:
+        return
+    want_s, want_t = grad_student is not None, grad_teacher is not None
+    need_q = (want_s and not swap) or (want_t and swap)
+    need_p = (want_s and swap) or (want_t and not swap)
+    c_p, c_q = _coefficients(mode, mix)
+    max_block = 65536 if triton_interpreted() else 4096
+    block = min(triton.next_power_of_2(v), max_block)
+    _divergence_fwd_kernel[(n,)](
+        student, teacher, row_weight, loss_rows,
+        grad_student if want_s else loss_rows, grad_teacher if want_t else loss_rows,
+        student.stride(0), teacher.stride(0), grad_student.stride(0) if want_s else 0,
+        grad_teacher.stride(0) if want_t else 0, v,
+        1.0 / float(temperature), float(mix), float(taid), c_p, c_q,
+        1.0 / temperature, float(taid) / temperature,
+        MODE=mode, SWAP=bool(swap), TAID=taid != 1.0, GRAD_S=want_s, GRAD_T=want_t,
+        FUSED_Q=mode == MODE_KL and need_q and not need_p,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    )
+
+
 def divergence_fwd(student, teacher, row_weight, mode, swap, mix, temperature, taid, reduce,
                    grad_student, grad_teacher):
     """Launcher behind kdkernels::divergence_fwd_triton (see kdkernels/ops/divergence.py)."""
@@ -216,22 +245,7 @@ def divergence_fwd(student, teacher, row_weight, mode, swap, mix, temperature, t
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     gs = student.new_empty((n, v) if grad_student else (0,), dtype=grad_dtype(student.dtype))
     gt = teacher.new_empty((n, v) if grad_teacher else (0,), dtype=grad_dtype(teacher.dtype))
-    if n > 0:
-        need_q = (grad_student and not swap) or (grad_teacher and swap)
-        need_p = (grad_student and swap) or (grad_teacher and not swap)
-        c_p, c_q = _coefficients(mode, mix)
-        max_block = 65536 if triton_interpreted() else 4096
-        block = min(triton.next_power_of_2(v), max_block)
-        _divergence_fwd_kernel[(n,)](
-            student, teacher, row_weight, loss_rows, gs if grad_student else loss_rows,
-            gt if grad_teacher else loss_rows,
-            student.stride(0), teacher.stride(0), v if grad_student else 0,
-            v if grad_teacher else 0, v,
-            1.0 / float(temperature), float(mix), float(taid), c_p, c_q,
-            1.0 / temperature, float(taid) / temperature,
-            MODE=mode, SWAP=bool(swap), TAID=taid != 1.0, GRAD_S=bool(grad_student),
-            GRAD_T=bool(grad_teacher), FUSED_Q=mode == MODE_KL and need_q and not need_p,
-            BLOCK=block, num_warps=8 if block >= 2048 else 4,
-        )
+    divergence_rows(student, teacher, row_weight, mode, swap, mix, temperature, taid, loss_rows,
+                    gs if grad_student else None, gt if grad_teacher else None)
     loss = loss_rows.sum() if reduce else loss_rows
     return loss, gs, gt

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._plumbing import triton_interpreted
+from .._backend import triton_interpreted
 
 # Steps of log_decay below −DECAY_FLOOR are clamped to it (as in csrc/cpu/mixing_matrix.cpp):
 # every segment that crosses such a step sums to ≤ −DECAY_FLOOR, whose exp is exactly 0 in

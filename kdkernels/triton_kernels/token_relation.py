@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._plumbing import triton_interpreted
+from .._backend import triton_interpreted
 
 
 

@@ -1,0 +1,198 @@
+"""Public API of fused linear + divergence: fused_linear_divergence()."""
+from typing import NamedTuple
+
+import torch
+
+from . import _backend as B
+from . import _plumbing as P
+from .divergence import KINDS
+from .ops import divergence as div_ops
+from .ops import fused_linear as ops
+from .reference import fused_linear as ref
+
+
+class FusedLinearDivergenceOutput(NamedTuple):
+    """return_components=True: the loss, and for logging (no gradient) its parts."""
+    loss: torch.Tensor            # soft_label_weight·divergence + hard_label_weight·cross_entropy
+    divergence: torch.Tensor      # the divergence part (T² included), reduced like the loss
+    cross_entropy: torch.Tensor   # the cross-entropy part (0 without labels), reduced likewise
+    student_entropy: torch.Tensor  # Σ over kept rows of the entropy of softmax(student/T)
+    num_kept: torch.Tensor        # kept rows (int64)
+
+
+def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
+                            student_bias=None, teacher_bias=None, kind="fkl", temperature=1.0,
+                            beta=0.5, skew=0.1, taid_t=None, t2_scale=True, labels=None,
+                            ignore_index=-100, mask=None, hard_label_weight=0.0,
+                            soft_label_weight=1.0, student_logit_scale=1.0,
+                            teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                            vocab_size=None, chunk_size=None, reduction="mean", num_items=None,
+                            return_components=False, weight_grad_fp32=True, backend="auto"):
+    """kdkernels.divergence of the logits h·Wᵀ of two models, from their last hidden states
+    and lm_head weights, without ever holding the (N, V) logits (chunks of rows instead).
+
+    Args:
+        student_hidden (..., H_s), teacher_hidden (..., H_t): same leading dims; float32,
+            bfloat16 or float16 (float64 on the reference backend); any strides.
+        student_weight (V_s, H_s), teacher_weight (V_t, H_t): the lm_heads (tied embeddings
+            too), in their hidden states' dtype; student_bias (V_s,), teacher_bias (V_t,).
+        kind, temperature, beta, skew, taid_t, t2_scale, labels, ignore_index, mask,
+        reduction, num_items: as in kdkernels.divergence, over the logits
+            logit_scale·(h·Wᵀ + b), then cap·tanh(logits/cap) with a softcap (Gemma).
+        vocab_size: the columns that take part (default min(V_s, V_t)): padded vocabularies
+            count as if their other columns were −inf; those weight rows get zero gradient.
+        hard_label_weight, soft_label_weight: loss = soft·divergence + hard·cross-entropy of
+            the student logits at temperature 1 against labels (hard > 0 needs labels).
+        chunk_size: rows per chunk (default: ops.fused_linear.default_chunk's memory budget).
+        return_components: return a FusedLinearDivergenceOutput instead of the loss.
+        weight_grad_fp32: accumulate a 16-bit student weight's (and bias') gradient in fp32
+            across chunks and round once (default); False accumulates bf16 in bf16.
+        backend: "auto", "reference" (materializes the logits: the spec), "cpu", "triton" or
+            "cuda" (the divergence kernel of that backend per chunk; matmuls by torch).
+
+    Gradients reach student_hidden, student_weight and student_bias; the teacher side is a
+    constant (no gradient, whether or not its tensors require grad). Returns a float32 loss
+    (float64 on the reference backend for float64 inputs)."""
+    hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    _check_model("student", hs, ws, student_bias)
+    _check_model("teacher", ht, wt, teacher_bias)
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(f"student_hidden and teacher_hidden must have the same leading dims, got "
+                         f"{tuple(hs.shape)} and {tuple(ht.shape)}")
+    if hs.device != ht.device:
+        raise ValueError(f"student_hidden and teacher_hidden must be on the same device, got "
+                         f"{hs.device} and {ht.device}")
+    P.check_choice("kind", kind, KINDS)
+    temperature = P.check_temperature("temperature", temperature)
+    beta = P.check_real("beta", beta, low=0.0, high=1.0)
+    skew = P.check_real("skew", skew, low=0.0, high=1.0, high_open=True)
+    if taid_t is not None:
+        taid_t = P.check_real("taid_t", taid_t, low=0.0, high=1.0)
+    for name, flag in (("t2_scale", t2_scale), ("return_components", return_components),
+                       ("weight_grad_fp32", weight_grad_fp32)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    P.check_choice("reduction", reduction, P.REDUCTIONS)
+    hard = P.check_real("hard_label_weight", hard_label_weight, low=0.0)
+    soft = P.check_real("soft_label_weight", soft_label_weight, low=0.0)
+    s_scale = P.check_real("student_logit_scale", student_logit_scale, low=0.0, low_open=True)
+    t_scale = P.check_real("teacher_logit_scale", teacher_logit_scale, low=0.0, low_open=True)
+    s_cap = _softcap("student_softcap", student_softcap)
+    t_cap = _softcap("teacher_softcap", teacher_softcap)
+    v_max = min(ws.shape[0], wt.shape[0])
+    if vocab_size is None:
+        vocab = v_max
+    else:
+        vocab = P.check_int("vocab_size", vocab_size)
+        if not 1 <= vocab <= v_max:
+            raise ValueError(f"vocab_size must be in [1, {v_max}] (the smaller vocabulary: "
+                             f"student {ws.shape[0]}, teacher {wt.shape[0]}), got {vocab}")
+    if hard > 0 and labels is None:
+        raise ValueError("hard_label_weight > 0 needs labels (the cross-entropy's targets)")
+
+    lead_shape = hs.shape[:-1]
+    n = hs.numel() // hs.shape[-1]
+    device = hs.device
+    kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
+    if chunk_size is not None:
+        chunk_size = P.check_int("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    backend = B.resolve_backend(backend, device, (hs.dtype, ht.dtype))
+    fp64 = backend == "reference" and torch.float64 in (hs.dtype, ht.dtype)
+    wdtype = torch.float64 if fp64 else torch.float32
+    row_weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
+                               reduction=reduction, num_items=num_items, device=device,
+                               dtype=wdtype)
+    flat_labels = None
+    if labels is not None:
+        flat_labels = labels.reshape(-1).long()
+        flat_labels = torch.where(kept, flat_labels, 0)  # dropped rows: any valid index
+        if not torch.compiler.is_compiling():
+            _check_labels(flat_labels, vocab)
+    ce_weight = (P.row_weights(n, kept, scale=1.0, reduction=reduction, num_items=num_items,
+                               device=device, dtype=wdtype)
+                 if labels is not None else torch.zeros(n, dtype=wdtype, device=device))
+    hs2, ht2 = hs.reshape(n, hs.shape[-1]), ht.reshape(n, ht.shape[-1])
+
+    if backend == "reference":
+        parts = _reference(hs2, ws, student_bias, ht2, wt, teacher_bias, row_weight, ce_weight,
+                           flat_labels, kept, vocab=vocab, kind=kind, temperature=temperature,
+                           beta=beta, skew=skew, taid_t=taid_t, soft=soft, hard=hard,
+                           s_scale=s_scale, t_scale=t_scale, s_cap=s_cap, t_cap=t_cap)
+        loss, div, ce, entropy = (x.sum() if reduction != "none" and x.dim() else x for x in parts)
+    else:
+        mode, swap, mix = div_ops.kernel_args(kind, beta, skew)
+        separate = (labels is not None and hard > 0) or s_cap is not None
+        chunk = chunk_size or ops.default_chunk(n, vocab, 3 if separate else 2, device)
+        grad_on = torch.is_grad_enabled()
+        loss, div, ce, entropy, _, _, _ = torch.ops.kdkernels.fused_linear_divergence_fwd(
+            hs2, ws, student_bias, ht2.detach(), wt.detach(),
+            None if teacher_bias is None else teacher_bias.detach(), row_weight, ce_weight,
+            flat_labels, vocab, mode, swap, mix, temperature, 1.0 if taid_t is None else taid_t,
+            soft, hard, s_scale, t_scale, s_cap or 0.0, t_cap or 0.0, chunk, backend,
+            reduction != "none", grad_on and hs.requires_grad, grad_on and ws.requires_grad,
+            grad_on and student_bias is not None and student_bias.requires_grad,
+            return_components, weight_grad_fp32)
+    if reduction == "none":
+        loss, div, ce = (x.reshape(lead_shape) for x in (loss, div, ce))
+    if not return_components:
+        return loss
+    num_kept = (torch.tensor(n, device=device) if kept is None else kept.sum())
+    return FusedLinearDivergenceOutput(loss, div.detach(), ce.detach(), entropy.detach(), num_kept)
+
+
+def _check_model(side, hidden, weight, bias):
+    P.check_logits(f"{side}_hidden", hidden)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{side}_weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"{side}_weight must be (V, H) (an lm_head), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{side}_weight (V, H) must have H = {side}_hidden's last dim "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{side}_weight must have {side}_hidden's dtype {hidden.dtype}, got "
+                        f"{weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{side}_weight must be on {hidden.device}, got {weight.device}")
+    if weight.shape[1] > 1 and weight.stride(1) != 1:
+        raise ValueError(f"{side}_weight must have unit stride along H (a (V, H) weight or its "
+                         f"row slice), got strides {weight.stride()}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{side}_bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{side}_bias must have shape ({weight.shape[0]},) (one per row of "
+                         f"{side}_weight), got {tuple(bias.shape)}")
+    if bias.dtype != hidden.dtype or bias.device != hidden.device:
+        raise TypeError(f"{side}_bias must be {hidden.dtype} on {hidden.device}, got "
+                        f"{bias.dtype} on {bias.device}")
+
+
+def _softcap(name, cap):
+    if cap is None:
+        return None
+    return P.check_real(name, cap, low=0.0, low_open=True)
+
+
+def _check_labels(labels, vocab):
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+        raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for the "
+                         f"cross-entropy, got values in [{int(labels.min())}, "
+                         f"{int(labels.max())}]")
+
+
+def _reference(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, kept, *, soft, hard,
+               s_scale, t_scale, s_cap, t_cap, **kw):
+    """(loss, divergence, cross-entropy, entropy) per row (weighted; entropy summed)."""
+    div, ce, entropy = ref.fused_linear_rows(
+        P.live_rows(hs, kept), ws, P.live_rows(ht, kept), wt, student_bias=bs, teacher_bias=bt,
+        labels=labels, student_logit_scale=s_scale, teacher_logit_scale=t_scale,
+        student_softcap=s_cap, teacher_softcap=t_cap, **kw)
+    div = div * row_weight
+    ce = torch.zeros_like(div) if ce is None else ce * ce_weight
+    live = torch.ones_like(entropy, dtype=torch.bool) if kept is None else kept
+    entropy = torch.where(live, entropy, 0.0).sum()
+    return soft * div + hard * ce, div, ce, entropy

@@ -1,0 +1,352 @@
+"""Ops of fused linear + divergence: the loss of kdkernels.divergence computed from the last
+hidden states and the lm_head weights, chunk by chunk of rows, never holding the (N, V) logits.
+
+    kdkernels::fused_linear_divergence_fwd   loss, its parts and (reduce) every gradient
+    kdkernels::fused_linear_divergence_bwd   the gradients for per-row upstream gradients
+
+Both are opaque Python ops (one node under torch.compile) running `run` below, the chunk loop,
+on a kernel backend ('cpu', 'cuda' or 'triton'; the reference materializes instead:
+kdkernels/reference/fused_linear.py). For each chunk of rows, with K = the kept rows:
+
+    zs = s_scale·(hs·Wsᵀ + bs)          (chunk, V) float32, never rounded to 16 bits
+    zt = t_scale·(ht·Wtᵀ + bt)          likewise; then the softcaps c = cap·tanh(z/cap)
+    the divergence rows (ops/divergence.py rows_into) write dL/dzs into the chunk buffer, in
+        place of zs when nothing else needs zs (no cross-entropy gradient, no student softcap);
+        else into a second buffer
+    G = soft·G_div + hard·ce_w·(softmax(zs) − onehot(label)),  × (1 − (zs/cap)²),  × s_scale
+    dh[chunk] = G·Ws,   dWs += Gᵀ·hs,   dbs += Σ_rows G
+
+Four vocabulary-sized matmuls in all, no recomputation when the upstream gradient is one scalar
+(reduction 'mean' / 'sum'): the forward computes the gradients and backward scales them
+(_hand_over.py). With reduction='none' the per-row upstream gradients arrive only in backward
+and cannot be applied to an accumulated dW, so the forward computes the losses only and
+backward runs the chunk loop again with row weights w_i·g_i (six matmuls in all).
+
+Rows that are dropped (both weights 0) are gathered out first: their hidden states are never
+read and their matmuls never run. Only the first `vocab` rows of either weight take part
+(views, no copies); the student weight's other rows get zero gradient.
+
+Arguments (the public function, kdkernels/fused_linear.py, builds them):
+    row_weight (N,) float32   divergence weight: T² (if t2_scale) · kept / denominator
+    ce_weight  (N,) float32   cross-entropy weight: kept / denominator (zeros without labels)
+    labels     (N,) int64 or None, every entry in [0, vocab) (dropped rows: 0)
+    mode, swap, mix, temperature, taid   the divergence kernels' canonical arguments
+    soft, hard                the weights of the divergence and the cross-entropy in the loss
+    s_scale, t_scale, s_cap, t_cap       logit scales and softcaps (cap 0: none)
+    chunk                     rows per chunk
+Outputs of _fwd: loss (() if reduce else (N,)), divergence and cross_entropy parts (same
+shapes, no gradient), the student entropy summed over kept rows (() float32; 0 unless asked),
+and dh (N, H_s), dWs (V_s, H_s), dbs (V_s,) or (0,) placeholders when not asked. Gradient
+dtypes: dh in grad_dtype(hidden); dWs and dbs in float32 for 16-bit weights (accumulated in fp32
+across chunks, rounded once in backward) unless weight_grad_fp32=False (bf16: accumulated in
+bf16; fp16 stays fp32, _plumbing.grad_dtype's rule)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._plumbing import grad_dtype
+from ._hand_over import keep_for_hand_over, scale, take_handed_over
+from ._register import first_order
+from .divergence import rows_into
+
+SCHEMA_ARGS = ("hs", "ws", "bs", "ht", "wt", "bt", "row_weight", "ce_weight", "labels", "vocab",
+               "mode", "swap", "mix", "temperature", "taid", "soft", "hard", "s_scale", "t_scale",
+               "s_cap", "t_cap", "chunk", "backend", "reduce", "grad_hidden", "grad_weight",
+               "grad_bias", "entropy", "weight_grad_fp32")
+
+
+def weight_grad_dtype(dtype, weight_grad_fp32):
+    """dtype in which dW and db are accumulated across chunks."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and weight_grad_fp32):
+        return torch.float32
+    return dtype
+
+
+def _mm_fp32(a, b, out):
+    """out (float32) = a·b: 16-bit products accumulate in fp32 and come out in fp32. On CUDA
+    through the matmul's out_dtype; elsewhere (no such kernel) on fp32 copies."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+class _Side:
+    """One model's operands: the first `vocab` rows of the weight (and bias), and on the CPU,
+    for 16-bit weights, their fp32 copy made once per call (CPU matmuls have no fp32 output
+    for 16-bit inputs; the copy is weight-sized, the cost of exact logits there)."""
+
+    def __init__(self, hidden, weight, bias, vocab, logit_scale, softcap):
+        self.h = hidden
+        self.w = weight[:vocab]
+        self.b = None if bias is None else bias[:vocab].float()
+        self.mm_w = self.w
+        if self.w.dtype != torch.float32 and not self.w.is_cuda:
+            self.mm_w = self.w.float()
+        self.scale, self.cap = logit_scale, softcap
+
+    def logits_into(self, out, rows):
+        """out (rows, vocab) float32 ← the capped, scaled logits of hidden rows `rows`."""
+        _mm_fp32(self.h[rows], self.mm_w.t(), out)
+        if self.b is not None:
+            out.add_(self.b)
+        if self.scale != 1.0:
+            out.mul_(self.scale)
+        if self.cap:
+            out.div_(self.cap).tanh_().mul_(self.cap)
+        return out
+
+
+def default_chunk(n_rows, vocab, buffers, device):
+    """Rows per chunk: the chunk buffers ((chunk, V) float32 each) within CHUNK_BUDGET bytes
+    (CPU 128 MiB: chunks of 512 rows at V = 32000; CUDA 1 GiB), a multiple of 64 rows where
+    that is ≥ 64, and at most the number of rows."""
+    budget = CHUNK_BUDGET["cuda" if device.type == "cuda" else "cpu"]
+    rows = max(1, budget // (4 * vocab * buffers))
+    if rows >= 64:
+        rows = rows // 64 * 64
+    return max(1, min(rows, n_rows))
+
+
+CHUNK_BUDGET = {"cpu": 128 << 20, "cuda": 1 << 30}
+
+
+def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, swap, mix,
+        temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk, backend,
+        grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
+    """The chunk loop (see the module comment). Returns the per-row weighted divergence and
+    cross-entropy (N,) float32, the entropy sum, and dh, dWs, dbs (None where not asked)."""
+    n, device = hs.shape[0], hs.device
+    div_rows = torch.zeros(n, dtype=torch.float32, device=device)
+    ce_rows = torch.zeros(n, dtype=torch.float32, device=device)
+    entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
+    any_grad = grad_hidden or grad_weight or grad_bias
+    acc = weight_grad_dtype(ws.dtype, weight_grad_fp32)
+    dh = hs.new_zeros(hs.shape, dtype=grad_dtype(hs.dtype)) if grad_hidden else None
+    dw = ws.new_zeros(ws.shape, dtype=acc) if grad_weight else None
+    db = ws.new_zeros(ws.shape[0], dtype=acc) if grad_bias else None
+    if labels is not None and labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < vocab):
+        raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for the "
+                         f"cross-entropy, got values in [{int(labels.min())}, {int(labels.max())}]")
+
+    # Kept rows only: dropped rows are never read (nor multiplied).
+    kept = (row_weight != 0) | (ce_weight != 0)
+    idx = None if bool(kept.all()) else kept.nonzero().squeeze(1)
+    pick = (lambda x: x) if idx is None else (lambda x: x.index_select(0, idx))
+    k = n if idx is None else idx.numel()
+    if k == 0:
+        return div_rows, ce_rows, entropy_sum, dh, dw, db
+    s_side = _Side(pick(hs), ws, bs, vocab, s_scale, s_cap)
+    t_side = _Side(pick(ht), wt, bt, vocab, t_scale, t_cap)
+    w_k, cew_k = pick(row_weight).float().contiguous(), pick(ce_weight).float()
+    lab_k = None if labels is None else pick(labels)
+    use_ce = lab_k is not None and (hard != 0.0 or entropy)
+    ce_grad = lab_k is not None and hard != 0.0 and any_grad
+    separate = any_grad and (ce_grad or bool(s_cap))  # dL/dzs cannot overwrite zs
+    div_k = torch.empty(k, dtype=torch.float32, device=device)
+    ce_k = torch.zeros(k, dtype=torch.float32, device=device)
+    dh_k = None
+    if grad_hidden:
+        dh_k = dh if idx is None else torch.empty((k, hs.shape[1]), dtype=dh.dtype, device=device)
+    dw_v = None if dw is None else dw[:vocab]
+    db_v = None if db is None else db[:vocab]
+
+    chunk = min(chunk, k)
+    zs_buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
+    zt_buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
+    g_buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device) if separate else None
+    for a in range(0, k, chunk):
+        rows = slice(a, min(a + chunk, k))
+        m = rows.stop - a
+        zs = s_side.logits_into(zs_buf[:m], rows)
+        zt = t_side.logits_into(zt_buf[:m], rows)
+        lse = None
+        if use_ce:
+            lse = torch.logsumexp(zs, 1)
+            ce_k[rows] = (lse - zs.gather(1, lab_k[rows, None]).squeeze(1)) * cew_k[rows]
+        if entropy:
+            entropy_sum += _entropy(zs, temperature, lse if temperature == 1.0 else None)
+        g = None
+        if any_grad:
+            g = g_buf[:m] if separate else zs
+        rows_into(backend, zs, zt, w_k[rows], mode, swap, mix, temperature, taid, div_k[rows], g)
+        if not any_grad:
+            continue
+        _epilogue(g, zs, lse, None if lab_k is None else lab_k[rows], cew_k[rows],
+                  soft=soft, hard=hard if ce_grad else 0.0, s_scale=s_scale, s_cap=s_cap)
+        _backward_matmuls(g, s_side, rows, dh_k, dw_v, db_v)
+
+    div_rows = div_k if idx is None else div_rows.index_copy_(0, idx, div_k)
+    ce_rows = ce_k if idx is None else ce_rows.index_copy_(0, idx, ce_k)
+    if dh is not None and idx is not None:
+        dh.index_copy_(0, idx, dh_k)
+    return div_rows, ce_rows, entropy_sum, dh, dw, db
+
+
+def _entropy(zs, temperature, lse):
+    """Σ over the chunk's rows of the student entropy at temperature T (logging only)."""
+    a = zs / temperature if temperature != 1.0 else zs
+    if lse is None:
+        lse = torch.logsumexp(a, 1)
+    q = torch.exp(a - lse[:, None])
+    return (lse - (q * torch.where(q > 0, a, 0.0)).sum(1)).double().sum()
+
+
+def _epilogue(g, zs, lse, labels, ce_w, *, soft, hard, s_scale, s_cap):
+    """g (the divergence rows' dL/dzs) → dL/d(hs·Wsᵀ + bs), in place (see the module comment).
+    zs holds the capped logits unless g overwrote them (then there is no CE and no cap)."""
+    if soft != 1.0:
+        g.mul_(soft)
+    if hard != 0.0:
+        w = (ce_w * hard)[:, None]
+        g.addcmul_(torch.exp(zs - lse[:, None]), w)
+        g.scatter_add_(1, labels[:, None], -w)
+    if s_cap:
+        g.mul_(zs.div_(s_cap).square_().neg_().add_(1.0))  # 1 − tanh², zs no longer needed
+    if s_scale != 1.0:
+        g.mul_(s_scale)
+
+
+def _backward_matmuls(g, side, rows, dh, dw, db):
+    """dh[rows] = g·W, dW += gᵀ·h, db += Σ g: 16-bit operands multiply in 16 bits (g rounded
+    once), accumulate in fp32; fp32 ones in fp32."""
+    w, h = side.w, side.h[rows]
+    if w.dtype != torch.float32 and w.is_cuda:
+        g16 = g.to(w.dtype)
+        if dh is not None:
+            if dh.dtype == torch.float32:
+                torch.mm(g16, w, out_dtype=torch.float32, out=dh[rows])
+            else:
+                torch.mm(g16, w, out=dh[rows])
+        if dw is not None:
+            if dw.dtype == torch.float32:
+                torch.addmm(dw, g16.t(), h, out_dtype=torch.float32, out=dw)
+            else:
+                dw.addmm_(g16.t(), h)
+    else:
+        if dh is not None:
+            if dh.dtype == torch.float32:
+                torch.mm(g, side.mm_w, out=dh[rows])
+            else:
+                dh[rows] = torch.mm(g, side.mm_w)
+        if dw is not None:
+            hf = h if h.dtype == torch.float32 else h.float()
+            if dw.dtype == torch.float32:
+                dw.addmm_(g.t(), hf)
+            else:
+                dw.add_(torch.mm(g.t(), hf))  # bf16 accumulation (weight_grad_fp32=False)
+    if db is not None:
+        db.add_(g.sum(0))
+
+
+# --------------------------------------------------------------------------------- the ops
+@torch.library.custom_op("kdkernels::fused_linear_divergence_fwd", mutates_args=(),
+                         device_types=None)
+def fused_linear_divergence_fwd(
+        hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor, bt: Optional[Tensor],
+        row_weight: Tensor, ce_weight: Tensor, labels: Optional[Tensor], vocab: int, mode: int,
+        swap: bool, mix: float, temperature: float, taid: float, soft: float, hard: float,
+        s_scale: float, t_scale: float, s_cap: float, t_cap: float, chunk: int, backend: str,
+        reduce: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool, entropy: bool,
+        weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    wants = (grad_hidden and reduce, grad_weight and reduce, grad_bias and reduce)
+    div, ce, ent, dh, dw, db = run(
+        hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, vocab=vocab, mode=mode, swap=swap,
+        mix=mix, temperature=temperature, taid=taid, soft=soft, hard=hard, s_scale=s_scale,
+        t_scale=t_scale, s_cap=s_cap, t_cap=t_cap, chunk=chunk, backend=backend,
+        grad_hidden=wants[0], grad_weight=wants[1], grad_bias=wants[2], entropy=entropy,
+        weight_grad_fp32=weight_grad_fp32)
+    if reduce:
+        div, ce = div.double().sum(), ce.double().sum()
+    loss = (soft * div + hard * ce).float()
+    return (loss, div.float(), ce.float(), ent.float()) + _or_placeholders(hs, dh, dw, db)
+
+
+@torch.library.custom_op("kdkernels::fused_linear_divergence_bwd", mutates_args=(),
+                         device_types=None)
+def fused_linear_divergence_bwd(
+        grad_rows: Tensor, hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
+        bt: Optional[Tensor], row_weight: Tensor, ce_weight: Tensor, labels: Optional[Tensor],
+        vocab: int, mode: int, swap: bool, mix: float, temperature: float, taid: float,
+        soft: float, hard: float, s_scale: float, t_scale: float, s_cap: float, t_cap: float,
+        chunk: int, backend: str, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+        weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the chunk loop again, with
+    row weights w_i·g_i, in the inputs' dtypes."""
+    g = grad_rows.float()
+    _, _, _, dh, dw, db = run(
+        hs, ws, bs, ht, wt, bt, row_weight * g, ce_weight * g, labels, vocab=vocab, mode=mode,
+        swap=swap, mix=mix, temperature=temperature, taid=taid, soft=soft, hard=hard,
+        s_scale=s_scale, t_scale=t_scale, s_cap=s_cap, t_cap=t_cap, chunk=chunk, backend=backend,
+        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias, entropy=False,
+        weight_grad_fp32=weight_grad_fp32)
+    return _or_placeholders(hs, *(None if g is None else g.to(x.dtype)
+                                  for g, x in ((dh, hs), (dw, ws), (db, ws))))
+
+
+def _or_placeholders(like, *grads):
+    """The gradients, with a (0,) placeholder of its own (outputs may not alias) for each
+    gradient not asked for."""
+    return tuple(like.new_empty((0,)) if g is None else g for g in grads)
+
+
+@fused_linear_divergence_fwd.register_fake
+def _fake_fwd(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, vocab, mode, swap, mix,
+              temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk, backend,
+              reduce, grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
+    shape = () if reduce else (hs.shape[0],)
+    f32 = dict(dtype=torch.float32)
+    acc = weight_grad_dtype(ws.dtype, weight_grad_fp32)
+    dh = hs.new_empty(hs.shape if grad_hidden and reduce else (0,), dtype=grad_dtype(hs.dtype)
+                      if grad_hidden and reduce else hs.dtype)
+    dw = hs.new_empty(ws.shape if grad_weight and reduce else (0,),
+                      dtype=acc if grad_weight and reduce else hs.dtype)
+    db = hs.new_empty((ws.shape[0],) if grad_bias and reduce else (0,),
+                      dtype=acc if grad_bias and reduce else hs.dtype)
+    return (hs.new_empty(shape, **f32), hs.new_empty(shape, **f32), hs.new_empty(shape, **f32),
+            hs.new_empty((), **f32), dh, dw, db)
+
+
+@fused_linear_divergence_bwd.register_fake
+def _fake_bwd(grad_rows, hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, vocab, mode,
+              swap, mix, temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk,
+              backend, grad_hidden, grad_weight, grad_bias, weight_grad_fp32):
+    return (hs.new_empty(hs.shape if grad_hidden else (0,)),
+            hs.new_empty(ws.shape if grad_weight else (0,), dtype=ws.dtype),
+            hs.new_empty((ws.shape[0],) if grad_bias else (0,), dtype=ws.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    kw = dict(zip(SCHEMA_ARGS, inputs))
+    ctx.reduce = kw["reduce"]
+    ctx.dtypes = (kw["hs"].dtype, kw["ws"].dtype)
+    if ctx.reduce:
+        keep_for_hand_over(ctx, *output[4:])
+    else:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(kw["hs"], kw["ws"], kw["bs"], kw["ht"], kw["wt"], kw["bt"],
+                              kw["row_weight"], kw["ce_weight"], kw["labels"])
+        ctx.scalars = {name: kw[name] for name in SCHEMA_ARGS[9:]
+                       if name not in ("reduce", "entropy")}
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if ctx.reduce:
+        dh, dw, db = take_handed_over(ctx)
+        grads = (scale(dh, grad_loss, True, ctx.dtypes[0]), scale(dw, grad_loss, True, ctx.dtypes[1]),
+                 scale(db, grad_loss, True, ctx.dtypes[1]))
+    elif grad_loss is None:
+        grads = (None, None, None)
+    else:
+        hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels = ctx.saved_tensors
+        dh, dw, db = torch.ops.kdkernels.fused_linear_divergence_bwd(
+            grad_loss, hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, **ctx.scalars)
+        grads = tuple(None if g.dim() == 1 and g.shape[0] == 0 else g for g in (dh, dw, db))
+    return grads + (None,) * (len(SCHEMA_ARGS) - 3)  # schema order: hs, ws, bs, then constants
+
+
+torch.library.register_autograd(
+    "kdkernels::fused_linear_divergence_fwd",
+    first_order("fused_linear_divergence_fwd", _backward), setup_context=_setup_context)
