@@ -104,15 +104,15 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     row_weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
                                reduction=reduction, num_items=num_items, device=device,
                                dtype=wdtype)
-    flat_labels = None
-    if labels is not None:
+    flat_labels = None  # the cross-entropy's targets, when a cross-entropy is computed
+    if labels is not None and (hard > 0 or return_components):
         flat_labels = labels.reshape(-1).long()
         flat_labels = torch.where(kept, flat_labels, 0)  # dropped rows: any valid index
         if not torch.compiler.is_compiling():
             _check_labels(flat_labels, vocab)
     ce_weight = (P.row_weights(n, kept, scale=1.0, reduction=reduction, num_items=num_items,
                                device=device, dtype=wdtype)
-                 if labels is not None else torch.zeros(n, dtype=wdtype, device=device))
+                 if flat_labels is not None else torch.zeros(n, dtype=wdtype, device=device))
     hs2, ht2 = hs.reshape(n, hs.shape[-1]), ht.reshape(n, ht.shape[-1])
 
     if backend == "reference":
@@ -123,7 +123,7 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         loss, div, ce, entropy = (x.sum() if reduction != "none" and x.dim() else x for x in parts)
     else:
         mode, swap, mix = div_ops.kernel_args(kind, beta, skew)
-        separate = (labels is not None and hard > 0) or s_cap is not None
+        separate = (flat_labels is not None and hard > 0) or s_cap is not None
         chunk = chunk_size or ops.default_chunk(n, vocab, 3 if separate else 2, device)
         grad_on = torch.is_grad_enabled()
         loss, div, ce, entropy, _, _, _ = torch.ops.kdkernels.fused_linear_divergence_fwd(

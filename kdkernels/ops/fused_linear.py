@@ -124,9 +124,12 @@ def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, s
     entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
     any_grad = grad_hidden or grad_weight or grad_bias
     acc = weight_grad_dtype(ws.dtype, weight_grad_fp32)
-    dh = hs.new_zeros(hs.shape, dtype=grad_dtype(hs.dtype)) if grad_hidden else None
-    dw = ws.new_zeros(ws.shape, dtype=acc) if grad_weight else None
-    db = ws.new_zeros(ws.shape[0], dtype=acc) if grad_bias else None
+    dh = dw = db = None
+    if grad_weight:  # rows < vocab are written by the first chunk's matmul; the others are 0
+        dw = ws.new_empty(ws.shape, dtype=acc)
+        dw[vocab:].zero_()
+    if grad_bias:
+        db = ws.new_zeros(ws.shape[0], dtype=acc)
     if labels is not None and labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < vocab):
         raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for the "
                          f"cross-entropy, got values in [{int(labels.min())}, {int(labels.max())}]")
@@ -134,9 +137,14 @@ def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, s
     # Kept rows only: dropped rows are never read (nor multiplied).
     kept = (row_weight != 0) | (ce_weight != 0)
     idx = None if bool(kept.all()) else kept.nonzero().squeeze(1)
+    if grad_hidden:  # every kept row is written; dropped ones are 0
+        dh = hs.new_empty(hs.shape, dtype=grad_dtype(hs.dtype)) if idx is None \
+            else hs.new_zeros(hs.shape, dtype=grad_dtype(hs.dtype))
     pick = (lambda x: x) if idx is None else (lambda x: x.index_select(0, idx))
     k = n if idx is None else idx.numel()
     if k == 0:
+        if dw is not None:
+            dw.zero_()
         return div_rows, ce_rows, entropy_sum, dh, dw, db
     s_side = _Side(pick(hs), ws, bs, vocab, s_scale, s_cap)
     t_side = _Side(pick(ht), wt, bt, vocab, t_scale, t_cap)
@@ -176,7 +184,7 @@ def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, s
             continue
         _epilogue(g, zs, lse, None if lab_k is None else lab_k[rows], cew_k[rows],
                   soft=soft, hard=hard if ce_grad else 0.0, s_scale=s_scale, s_cap=s_cap)
-        _backward_matmuls(g, s_side, rows, dh_k, dw_v, db_v)
+        _backward_matmuls(g, s_side, rows, dh_k, dw_v, db_v, first=a == 0)
 
     div_rows = div_k if idx is None else div_rows.index_copy_(0, idx, div_k)
     ce_rows = ce_k if idx is None else ce_rows.index_copy_(0, idx, ce_k)
@@ -209,34 +217,32 @@ def _epilogue(g, zs, lse, labels, ce_w, *, soft, hard, s_scale, s_cap):
         g.mul_(s_scale)
 
 
-def _backward_matmuls(g, side, rows, dh, dw, db):
-    """dh[rows] = g·W, dW += gᵀ·h, db += Σ g: 16-bit operands multiply in 16 bits (g rounded
-    once), accumulate in fp32; fp32 ones in fp32."""
-    w, h = side.w, side.h[rows]
-    if w.dtype != torch.float32 and w.is_cuda:
-        g16 = g.to(w.dtype)
-        if dh is not None:
-            if dh.dtype == torch.float32:
-                torch.mm(g16, w, out_dtype=torch.float32, out=dh[rows])
-            else:
-                torch.mm(g16, w, out=dh[rows])
-        if dw is not None:
-            if dw.dtype == torch.float32:
-                torch.addmm(dw, g16.t(), h, out_dtype=torch.float32, out=dw)
-            else:
-                dw.addmm_(g16.t(), h)
+def _backward_matmuls(g, side, rows, dh, dw, db, first):
+    """dh[rows] = g·W, dW += gᵀ·h (dW = gᵀ·h for the first chunk), db += Σ g. On CUDA, 16-bit
+    operands multiply in 16 bits (g rounded once) and accumulate in fp32 (dW in fp32 across
+    chunks unless weight_grad_fp32=False); elsewhere the products are fp32 (16-bit weights:
+    their fp32 copy)."""
+    h = side.h[rows]
+    if side.w.dtype != torch.float32 and side.w.is_cuda:
+        g, w = g.to(side.w.dtype), side.w
     else:
-        if dh is not None:
-            if dh.dtype == torch.float32:
-                torch.mm(g, side.mm_w, out=dh[rows])
+        w = side.mm_w
+        h = h if h.dtype == torch.float32 else h.float()
+    if dh is not None:
+        if dh.dtype == g.dtype or dh.dtype != torch.float32:
+            torch.mm(g, w, out=dh[rows]) if dh.dtype == g.dtype else dh[rows].copy_(g @ w)
+        else:
+            torch.mm(g, w, out_dtype=torch.float32, out=dh[rows])
+    if dw is not None:
+        if dw.dtype == g.dtype:
+            torch.mm(g.t(), h, out=dw) if first else dw.addmm_(g.t(), h)
+        elif dw.dtype == torch.float32:  # CUDA, 16-bit products accumulated in fp32
+            if first:
+                torch.mm(g.t(), h, out_dtype=torch.float32, out=dw)
             else:
-                dh[rows] = torch.mm(g, side.mm_w)
-        if dw is not None:
-            hf = h if h.dtype == torch.float32 else h.float()
-            if dw.dtype == torch.float32:
-                dw.addmm_(g.t(), hf)
-            else:
-                dw.add_(torch.mm(g.t(), hf))  # bf16 accumulation (weight_grad_fp32=False)
+                torch.addmm(dw, g.t(), h, out_dtype=torch.float32, out=dw)
+        else:  # a bf16 accumulator (weight_grad_fp32=False) on fp32 products
+            dw.copy_(g.t() @ h) if first else dw.add_(g.t() @ h)
     if db is not None:
         db.add_(g.sum(0))
 
