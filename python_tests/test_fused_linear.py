@@ -289,6 +289,24 @@ def test_module_matches_function():
         kdkernels.nn.FusedLinearDivergenceLoss(student_softcap=0.0)
 
 
+@pytest.mark.parametrize("kind,mode,swap,mix", [("fkl", 0, False, 0.0), ("jsd", 2, False, 0.3),
+                                                ("rkl", 0, True, 0.0)])
+@pytest.mark.parametrize("budget", [0, 2048], ids=["streaming", "cluster"])
+def test_emulated_cuda_rows_in_place(kind, mode, swap, mix, budget):
+    """The CUDA divergence kernels (compiled for the CPU, test_cuda_emulated.py) writing the
+    gradient over their own student logits, as the fused op does, give the out-of-place bits."""
+    import test_cuda_emulated  # noqa: PLC0415
+
+    emu = test_cuda_emulated.emulated.__wrapped__()
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 700, generator=g) * 3, torch.randn(3, 700, generator=g) * 3
+    w = torch.tensor([0.5, 0.0, 2.0])
+    loss, gs, _ = emu.divergence_fwd(s, t, w, mode, swap, mix, 1.5, 1.0, True, False, budget)
+    buf, rows = s.clone(), torch.empty(3)
+    emu.divergence_rows_out(buf, t, w, mode, swap, mix, 1.5, 1.0, rows, buf, budget)
+    assert torch.equal(buf, gs) and torch.equal(rows, loss)
+
+
 # ----------------------------------------------------------------- compile, opcheck, memory
 def test_compiled_training_step():
     """torch.compile(fullgraph=True) of a step's forward (projection → fused loss; dynamo
@@ -419,7 +437,9 @@ def test_bad_input(overrides, error, match):
         kdkernels.fused_linear_divergence(**_bad(**overrides), backend="cpu")
 
 
-def test_readme_example_runs():
-    """README's fused-linear example: a trainer's compute_loss on a tiny random HF causal LM."""
+def test_readme_example_runs(monkeypatch):
+    """README's fused-linear example: a Trainer's compute_loss on tiny random HF causal LMs
+    built from configs (offline: nothing is downloaded)."""
     pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run_readme_examples("fused-linear-example", 1)
