@@ -19,8 +19,9 @@ TORCH_LIBRARY(kdkernels, m) {
         "float mix, float temperature, float taid, bool reduce, bool grad_student, "
         "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
   // The same rows into the caller's buffers (kdkernels/ops/divergence.py: rows_into), for the
-  // ops built on them; grad_student may be the student buffer itself (in place).
-  m.def("divergence_rows_out(Tensor student, Tensor teacher, Tensor row_weight, int mode, "
+  // ops built on them; grad_student may be the student buffer itself (in place). (div_mode, not
+  // mode: torch's auto-functionalization of mutating ops takes a `mode` argument of its own.)
+  m.def("divergence_rows_out(Tensor student, Tensor teacher, Tensor row_weight, int div_mode, "
         "bool swap, float mix, float temperature, float taid, Tensor(a!) loss_rows, "
         "Tensor(b!)? grad_student, Tensor(c!)? grad_teacher) -> ()");
   // See kdkernels/ops/mixing_matrix.py.

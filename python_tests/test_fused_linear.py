@@ -10,6 +10,7 @@ from helpers import assert_matches, kernel_cases, run_readme_examples
 from kdkernels.ops import fused_linear as fl_ops
 
 KERNELS = kernel_cases()
+assert kdkernels.backend_info()["cpu"]  # loads the C++ ops, which the op-level tests call directly
 N, HS, HT, VS, VT = 41, 96, 160, 1271, 1301  # the issue's odd shapes
 
 
@@ -356,6 +357,20 @@ def sample_inputs():
 def test_opcheck(i):
     args = list(sample_inputs())[i]
     torch.library.opcheck(torch.ops.kdkernels.fused_linear_divergence_fwd.default, args)
+
+
+def test_opcheck_backward_op_and_row_launcher():
+    """The reduction='none' backward op, and the divergence family's launcher into caller
+    buffers (kdkernels::divergence_rows_out) that the fused op calls per chunk."""
+    args = list(sample_inputs())[2]
+    fwd_only = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    grad_rows = torch.linspace(-1.0, 1.0, 9)
+    bwd_args = [grad_rows] + fwd_only[:23] + fwd_only[24:27] + fwd_only[28:]
+    torch.library.opcheck(torch.ops.kdkernels.fused_linear_divergence_bwd.default, bwd_args)
+    s, t = torch.randn(5, 33), torch.randn(5, 33)
+    torch.library.opcheck(torch.ops.kdkernels.divergence_rows_out.default,
+                          (s, t, torch.ones(5), 2, False, 0.3, 2.0, 1.0, torch.empty(5),
+                           torch.empty(5, 33), None))
 
 
 def test_memory_never_n_by_v():
