@@ -83,7 +83,7 @@ def check_real(name, value, *, low=None, high=None, low_open=False, high_open=Fa
         bad = bad or value > high or (high_open and value == high)
     if bad or value in (float("inf"), float("-inf")):
         lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
+        hi = ")" if high_open or high is None else "]"
         rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
         raise ValueError(f"{name} must be a finite number in {rng}, got {value}")
     return value

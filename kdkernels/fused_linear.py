@@ -108,8 +108,7 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     if labels is not None and (hard > 0 or return_components):
         flat_labels = labels.reshape(-1).long()
         flat_labels = torch.where(kept, flat_labels, 0)  # dropped rows: any valid index
-        if not torch.compiler.is_compiling():
-            _check_labels(flat_labels, vocab)
+        # (the op checks the range: ValueError, in eager and compiled calls alike)
     ce_weight = (P.row_weights(n, kept, scale=1.0, reduction=reduction, num_items=num_items,
                                device=device, dtype=wdtype)
                  if flat_labels is not None else torch.zeros(n, dtype=wdtype, device=device))
@@ -123,8 +122,7 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         loss, div, ce, entropy = (x.sum() if reduction != "none" and x.dim() else x for x in parts)
     else:
         mode, swap, mix = div_ops.kernel_args(kind, beta, skew)
-        separate = (flat_labels is not None and hard > 0) or s_cap is not None
-        chunk = chunk_size or ops.default_chunk(n, vocab, 3 if separate else 2, device)
+        chunk = chunk_size or 0  # 0: the op's memory budget (ops.fused_linear.default_chunk)
         grad_on = torch.is_grad_enabled()
         loss, div, ce, entropy, _, _, _ = torch.ops.kdkernels.fused_linear_divergence_fwd(
             hs2, ws, student_bias, ht2.detach(), wt.detach(),
@@ -143,7 +141,14 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
 
 
 def _check_model(side, hidden, weight, bias):
-    P.check_logits(f"{side}_hidden", hidden)
+    name = f"{side}_hidden"
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in P.INPUT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or "
+                        f"float64), got dtype {hidden.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{side}_weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2 or weight.shape[0] < 1:
@@ -153,7 +158,8 @@ def _check_model(side, hidden, weight, bias):
                          f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{side}_weight must have {side}_hidden's dtype {hidden.dtype}, got "
-                        f"{weight.dtype}")
+                        f"{weight.dtype} (under mixed precision, pass the lm_head weight in the "
+                        f"hidden states' dtype, e.g. weight.to(hidden.dtype))")
     if weight.device != hidden.device:
         raise ValueError(f"{side}_weight must be on {hidden.device}, got {weight.device}")
     if weight.shape[1] > 1 and weight.stride(1) != 1:
@@ -177,13 +183,6 @@ def _softcap(name, cap):
     return P.check_real(name, cap, low=0.0, low_open=True)
 
 
-def _check_labels(labels, vocab):
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
-        raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for the "
-                         f"cross-entropy, got values in [{int(labels.min())}, "
-                         f"{int(labels.max())}]")
-
-
 def _reference(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, kept, *, soft, hard,
                s_scale, t_scale, s_cap, t_cap, **kw):
     """(loss, divergence, cross-entropy, entropy) per row (weighted; entropy summed)."""
@@ -191,8 +190,8 @@ def _reference(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, kept, *, s
         P.live_rows(hs, kept), ws, P.live_rows(ht, kept), wt, student_bias=bs, teacher_bias=bt,
         labels=labels, student_logit_scale=s_scale, teacher_logit_scale=t_scale,
         student_softcap=s_cap, teacher_softcap=t_cap, **kw)
-    div = div * row_weight
-    ce = torch.zeros_like(div) if ce is None else ce * ce_weight
+    div = torch.where(row_weight != 0, div * row_weight, 0.0)  # dropped rows: 0, never 0·inf
+    ce = torch.zeros_like(div) if ce is None else torch.where(ce_weight != 0, ce * ce_weight, 0.0)
     live = torch.ones_like(entropy, dtype=torch.bool) if kept is None else kept
     entropy = torch.where(live, entropy, 0.0).sum()
-    return soft * div + hard * ce, div, ce, entropy
+    return ops.combine(soft, div, hard, ce), div, ce, entropy

@@ -33,7 +33,7 @@ Arguments (the public function, kdkernels/fused_linear.py, builds them):
     mode, swap, mix, temperature, taid   the divergence kernels' canonical arguments
     soft, hard                the weights of the divergence and the cross-entropy in the loss
     s_scale, t_scale, s_cap, t_cap       logit scales and softcaps (cap 0: none)
-    chunk                     rows per chunk
+    chunk                     rows per chunk (0: default_chunk's budget)
 Outputs of _fwd: loss (() if reduce else (N,)), divergence and cross_entropy parts (same
 shapes, no gradient), the student entropy summed over kept rows (() float32; 0 unless asked),
 and dh (N, H_s), dWs (V_s, H_s), dbs (V_s,) or (0,) placeholders when not asked. Gradient
@@ -63,33 +63,50 @@ def weight_grad_dtype(dtype, weight_grad_fp32):
     return dtype
 
 
-def _mm_fp32(a, b, out):
-    """out (float32) = a·b: 16-bit products accumulate in fp32 and come out in fp32. On CUDA
-    through the matmul's out_dtype; elsewhere (no such kernel) on fp32 copies."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)
+_PROBE = {}
+
+
+def _cuda_out_dtype_matmuls():
+    """Whether this torch's CUDA matmuls take bf16 inputs with out_dtype=float32, the
+    accumulator included (addmm into a float32 out); probed once on a tiny case."""
+    if "ok" not in _PROBE:
+        try:
+            a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+            acc = torch.zeros(2, 2, device="cuda")
+            torch.mm(a, a, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _PROBE["ok"] = bool((acc == 4).all())
+        except (RuntimeError, TypeError):
+            _PROBE["ok"] = False
+    return _PROBE["ok"]
 
 
 class _Side:
-    """One model's operands: the first `vocab` rows of the weight (and bias), and on the CPU,
-    for 16-bit weights, their fp32 copy made once per call (CPU matmuls have no fp32 output
-    for 16-bit inputs; the copy is weight-sized, the cost of exact logits there)."""
+    """One model's operands: the first `vocab` rows of the weight (and bias). Products are
+    fp32: fp32 inputs, or bf16 on CUDA through the matmuls' out_dtype (16-bit products
+    accumulated in fp32); every other 16-bit weight is multiplied as an fp32 copy made once per
+    call (weight-sized: CPU matmuls have no fp32 output for 16-bit inputs, and fp16 gradients
+    must stay fp32 until backward has applied the upstream factor, _plumbing.grad_dtype)."""
 
     def __init__(self, hidden, weight, bias, vocab, logit_scale, softcap):
         self.h = hidden
         self.w = weight[:vocab]
         self.b = None if bias is None else bias[:vocab].float()
-        self.mm_w = self.w
-        if self.w.dtype != torch.float32 and not self.w.is_cuda:
-            self.mm_w = self.w.float()
+        self.native16 = (self.w.dtype == torch.bfloat16 and self.w.is_cuda
+                         and _cuda_out_dtype_matmuls())
+        self.mm_w = self.w if self.w.dtype == torch.float32 or self.native16 else self.w.float()
         self.scale, self.cap = logit_scale, softcap
+
+    def hidden(self, rows):
+        h = self.h[rows]
+        return h if self.native16 or h.dtype == torch.float32 else h.float()
 
     def logits_into(self, out, rows):
         """out (rows, vocab) float32 ← the capped, scaled logits of hidden rows `rows`."""
-        _mm_fp32(self.h[rows], self.mm_w.t(), out)
+        if self.native16:
+            torch.mm(self.h[rows], self.w.t(), out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(self.hidden(rows), self.mm_w.t(), out=out)
         if self.b is not None:
             out.add_(self.b)
         if self.scale != 1.0:
@@ -100,9 +117,9 @@ class _Side:
 
 
 def default_chunk(n_rows, vocab, buffers, device):
-    """Rows per chunk: the chunk buffers ((chunk, V) float32 each) within CHUNK_BUDGET bytes
-    (CPU 128 MiB: chunks of 512 rows at V = 32000; CUDA 1 GiB), a multiple of 64 rows where
-    that is ≥ 64, and at most the number of rows."""
+    """Rows per chunk: the `buffers` chunk buffers ((chunk, V) float32 each: see run) within
+    CHUNK_BUDGET bytes (CPU 128 MiB: chunks of 512 rows at V = 32000 with two buffers; CUDA
+    1 GiB), a multiple of 64 rows where that is ≥ 64, and at most the number of rows."""
     budget = CHUNK_BUDGET["cuda" if device.type == "cuda" else "cpu"]
     rows = max(1, budget // (4 * vocab * buffers))
     if rows >= 64:
@@ -113,11 +130,18 @@ def default_chunk(n_rows, vocab, buffers, device):
 CHUNK_BUDGET = {"cpu": 128 << 20, "cuda": 1 << 30}
 
 
-def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, swap, mix,
-        temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk, backend,
-        grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
-    """The chunk loop (see the module comment). Returns the per-row weighted divergence and
-    cross-entropy (N,) float32, the entropy sum, and dh, dWs, dbs (None where not asked)."""
+def run(hs, *args, **kwargs):
+    """The chunk loop (_run), with autocast off: its matmuls choose their own precision."""
+    with torch.autocast(device_type=hs.device.type, enabled=False):
+        return _run(hs, *args, **kwargs)
+
+
+def _run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, swap, mix,
+         temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk, backend,
+         grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
+    """The chunk loop (see the module comment); chunk 0: default_chunk. Returns the per-row
+    weighted divergence and cross-entropy (N,) float32, the entropy sum, and dh, dWs, dbs
+    (None where not asked)."""
     n, device = hs.shape[0], hs.device
     div_rows = torch.zeros(n, dtype=torch.float32, device=device)
     ce_rows = torch.zeros(n, dtype=torch.float32, device=device)
@@ -130,9 +154,11 @@ def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, s
         dw[vocab:].zero_()
     if grad_bias:
         db = ws.new_zeros(ws.shape[0], dtype=acc)
-    if labels is not None and labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < vocab):
-        raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for the "
-                         f"cross-entropy, got values in [{int(labels.min())}, {int(labels.max())}]")
+    if labels is not None and labels.numel():
+        lo, hi = (int(x) for x in torch.aminmax(labels))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for the "
+                             f"cross-entropy, got values in [{lo}, {hi}]")
 
     # Kept rows only: dropped rows are never read (nor multiplied).
     kept = (row_weight != 0) | (ce_weight != 0)
@@ -161,21 +187,27 @@ def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, s
     dw_v = None if dw is None else dw[:vocab]
     db_v = None if db is None else db[:vocab]
 
-    chunk = min(chunk, k)
-    zs_buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
-    zt_buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
-    g_buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device) if separate else None
+    # The (chunk, V) float32 buffers: the student's logits (then, in place, their gradient),
+    # the teacher's, the gradient's own where the logits are still needed after the divergence
+    # rows, and a scratch for the cross-entropy's and the entropy's exponentials.
+    scratch = use_ce or entropy
+    chunk = min(chunk or default_chunk(k, vocab, 2 + separate + scratch, device), k)
+    bufs = [torch.empty((chunk, vocab), dtype=torch.float32, device=device)
+            for _ in range(2 + separate + scratch)]
+    zs_buf, zt_buf = bufs[0], bufs[1]
+    g_buf = bufs[2] if separate else None
+    sc_buf = bufs[-1] if scratch else None
     for a in range(0, k, chunk):
         rows = slice(a, min(a + chunk, k))
         m = rows.stop - a
         zs = s_side.logits_into(zs_buf[:m], rows)
         zt = t_side.logits_into(zt_buf[:m], rows)
         lse = None
-        if use_ce:
-            lse = torch.logsumexp(zs, 1)
-            ce_k[rows] = (lse - zs.gather(1, lab_k[rows, None]).squeeze(1)) * cew_k[rows]
         if entropy:
-            entropy_sum += _entropy(zs, temperature, lse if temperature == 1.0 else None)
+            entropy_sum += _entropy_sum(zs, temperature, sc_buf[:m])
+        if use_ce:
+            lse = _lse(zs, sc_buf[:m])
+            ce_k[rows] = (lse - zs.gather(1, lab_k[rows, None]).squeeze(1)) * cew_k[rows]
         g = None
         if any_grad:
             g = g_buf[:m] if separate else zs
@@ -183,7 +215,8 @@ def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, s
         if not any_grad:
             continue
         _epilogue(g, zs, lse, None if lab_k is None else lab_k[rows], cew_k[rows],
-                  soft=soft, hard=hard if ce_grad else 0.0, s_scale=s_scale, s_cap=s_cap)
+                  None if sc_buf is None else sc_buf[:m], soft=soft,
+                  hard=hard if ce_grad else 0.0, s_scale=s_scale, s_cap=s_cap)
         _backward_matmuls(g, s_side, rows, dh_k, dw_v, db_v, first=a == 0)
 
     div_rows = div_k if idx is None else div_rows.index_copy_(0, idx, div_k)
@@ -193,23 +226,41 @@ def run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, s
     return div_rows, ce_rows, entropy_sum, dh, dw, db
 
 
-def _entropy(zs, temperature, lse):
-    """Σ over the chunk's rows of the student entropy at temperature T (logging only)."""
-    a = zs / temperature if temperature != 1.0 else zs
-    if lse is None:
-        lse = torch.logsumexp(a, 1)
-    q = torch.exp(a - lse[:, None])
-    return (lse - (q * torch.where(q > 0, a, 0.0)).sum(1)).double().sum()
+def _finite_max(zs):
+    m = zs.amax(1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, 0.0)  # all −inf, NaN or +inf rows show in the sums
 
 
-def _epilogue(g, zs, lse, labels, ce_w, *, soft, hard, s_scale, s_cap):
+def _lse(zs, scratch):
+    """Row log-sum-exp of zs; scratch (zs's shape) is the only temporary."""
+    m = _finite_max(zs)
+    torch.sub(zs, m, out=scratch).exp_()
+    return scratch.sum(1).log_().add_(m.squeeze(1))
+
+
+def _entropy_sum(zs, temperature, scratch, rows_per_step=16):
+    """Σ over the chunk's rows of the entropy of softmax(zs/T) (logging only):
+    log Z − Σ e^a·a / Z with a = (zs − max)/T in scratch, then a few rows at a time."""
+    a = torch.sub(zs, _finite_max(zs), out=scratch).div_(temperature)
+    total = torch.zeros((), dtype=torch.float64, device=zs.device)
+    for r in range(0, a.shape[0], rows_per_step):
+        blk = a[r:r + rows_per_step]
+        e = blk.exp()
+        z = e.sum(1)
+        total += (z.log() - torch.where(e > 0, e * blk, 0.0).sum(1) / z).double().sum()
+    return total
+
+
+def _epilogue(g, zs, lse, labels, ce_w, scratch, *, soft, hard, s_scale, s_cap):
     """g (the divergence rows' dL/dzs) → dL/d(hs·Wsᵀ + bs), in place (see the module comment).
     zs holds the capped logits unless g overwrote them (then there is no CE and no cap)."""
-    if soft != 1.0:
+    if soft == 0.0:
+        g.zero_()  # not 0·G: G may be inf where the divergence is (rkl with −inf teacher logits)
+    elif soft != 1.0:
         g.mul_(soft)
     if hard != 0.0:
         w = (ce_w * hard)[:, None]
-        g.addcmul_(torch.exp(zs - lse[:, None]), w)
+        g.addcmul_(torch.sub(zs, lse[:, None], out=scratch).exp_(), w)  # + w·softmax(zs)
         g.scatter_add_(1, labels[:, None], -w)
     if s_cap:
         g.mul_(zs.div_(s_cap).square_().neg_().add_(1.0))  # 1 − tanh², zs no longer needed
@@ -218,33 +269,32 @@ def _epilogue(g, zs, lse, labels, ce_w, *, soft, hard, s_scale, s_cap):
 
 
 def _backward_matmuls(g, side, rows, dh, dw, db, first):
-    """dh[rows] = g·W, dW += gᵀ·h (dW = gᵀ·h for the first chunk), db += Σ g. On CUDA, 16-bit
-    operands multiply in 16 bits (g rounded once) and accumulate in fp32 (dW in fp32 across
-    chunks unless weight_grad_fp32=False); elsewhere the products are fp32 (16-bit weights:
-    their fp32 copy)."""
-    h = side.h[rows]
-    if side.w.dtype != torch.float32 and side.w.is_cuda:
-        g, w = g.to(side.w.dtype), side.w
-    else:
-        w = side.mm_w
-        h = h if h.dtype == torch.float32 else h.float()
-    if dh is not None:
-        if dh.dtype == g.dtype or dh.dtype != torch.float32:
-            torch.mm(g, w, out=dh[rows]) if dh.dtype == g.dtype else dh[rows].copy_(g @ w)
-        else:
-            torch.mm(g, w, out_dtype=torch.float32, out=dh[rows])
-    if dw is not None:
-        if dw.dtype == g.dtype:
-            torch.mm(g.t(), h, out=dw) if first else dw.addmm_(g.t(), h)
-        elif dw.dtype == torch.float32:  # CUDA, 16-bit products accumulated in fp32
-            if first:
-                torch.mm(g.t(), h, out_dtype=torch.float32, out=dw)
-            else:
-                torch.addmm(dw, g.t(), h, out_dtype=torch.float32, out=dw)
-        else:  # a bf16 accumulator (weight_grad_fp32=False) on fp32 products
-            dw.copy_(g.t() @ h) if first else dw.add_(g.t() @ h)
+    """dh[rows] = g·W, dW += gᵀ·h (dW = gᵀ·h for the first chunk), db += Σ g, g float32. bf16
+    on CUDA (side.native16): g rounded once to bf16, products accumulated in fp32 (dW in fp32
+    across chunks unless weight_grad_fp32=False). Otherwise fp32 products (16-bit weights:
+    their fp32 copy); a bf16 accumulator (weight_grad_fp32=False) adds bf16 products."""
     if db is not None:
         db.add_(g.sum(0))
+    if side.native16:
+        g, w, h = g.to(side.w.dtype), side.w, side.h[rows]
+    else:
+        w, h = side.mm_w, side.hidden(rows)
+    if dh is not None:
+        if dh.dtype == g.dtype:
+            torch.mm(g, w, out=dh[rows])
+        elif dh.dtype == torch.float32:
+            torch.mm(g, w, out_dtype=torch.float32, out=dh[rows])
+        else:
+            dh[rows] = g @ w  # fp32 products, rounded once to the hidden states' bf16
+    if dw is not None:
+        if dw.dtype != g.dtype and dw.dtype != torch.float32:  # bf16 accumulator, fp32 g
+            g, h = g.to(dw.dtype), side.h[rows]
+        if dw.dtype == g.dtype:
+            torch.mm(g.t(), h, out=dw) if first else dw.addmm_(g.t(), h)
+        elif first:  # CUDA bf16 products accumulated in fp32
+            torch.mm(g.t(), h, out_dtype=torch.float32, out=dw)
+        else:
+            torch.addmm(dw, g.t(), h, out_dtype=torch.float32, out=dw)
 
 
 # --------------------------------------------------------------------------------- the ops
@@ -266,7 +316,7 @@ def fused_linear_divergence_fwd(
         weight_grad_fp32=weight_grad_fp32)
     if reduce:
         div, ce = div.double().sum(), ce.double().sum()
-    loss = (soft * div + hard * ce).float()
+    loss = combine(soft, div, hard, ce).float()
     return (loss, div.float(), ce.float(), ent.float()) + _or_placeholders(hs, dh, dw, db)
 
 
@@ -281,15 +331,27 @@ def fused_linear_divergence_bwd(
         weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the chunk loop again, with
     row weights w_i·g_i, in the inputs' dtypes."""
-    g = grad_rows.float()
+    g = grad_rows.float()  # (a dropped row stays dropped, whatever its upstream gradient)
     _, _, _, dh, dw, db = run(
-        hs, ws, bs, ht, wt, bt, row_weight * g, ce_weight * g, labels, vocab=vocab, mode=mode,
+        hs, ws, bs, ht, wt, bt, torch.where(row_weight != 0, row_weight * g, 0.0),
+        torch.where(ce_weight != 0, ce_weight * g, 0.0), labels, vocab=vocab, mode=mode,
         swap=swap, mix=mix, temperature=temperature, taid=taid, soft=soft, hard=hard,
         s_scale=s_scale, t_scale=t_scale, s_cap=s_cap, t_cap=t_cap, chunk=chunk, backend=backend,
         grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias, entropy=False,
         weight_grad_fp32=weight_grad_fp32)
     return _or_placeholders(hs, *(None if g is None else g.to(x.dtype)
                                   for g, x in ((dh, hs), (dw, ws), (db, ws))))
+
+
+def combine(soft, div, hard, ce):
+    """soft·div + hard·ce, a term with weight 0 left out (not 0·inf = NaN); the reference's
+    too (kdkernels/fused_linear.py)."""
+    loss = torch.zeros_like(div)
+    if soft != 0.0:
+        loss = loss + soft * div
+    if hard != 0.0:
+        loss = loss + hard * ce
+    return loss
 
 
 def _or_placeholders(like, *grads):

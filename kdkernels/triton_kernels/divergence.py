@@ -29,6 +29,10 @@ from .._plumbing import grad_dtype
 from ._math import kl_term
 
 MODE_KL, MODE_SKEW, MODE_JSD, MODE_TVD = 0, 1, 2, 3
+# Logits per block of a row: on a GPU 4096; interpreted, whole rows up to 65536 (each block
+# costs the interpreter far more than its width). Tests lower the interpreter's to cover the
+# multi-block sweeps.
+MAX_BLOCK = {"gpu": 4096, "interpreted": 65536}
 
 
 @triton.jit
@@ -223,8 +227,7 @@ def divergence_rows(student, teacher, row_weight, mode, swap, mix, temperature, 
     need_q = (want_s and not swap) or (want_t and swap)
     need_p = (want_s and swap) or (want_t and not swap)
     c_p, c_q = _coefficients(mode, mix)
-    max_block = 65536 if triton_interpreted() else 4096
-    block = min(triton.next_power_of_2(v), max_block)
+    block = min(triton.next_power_of_2(v), MAX_BLOCK["interpreted" if triton_interpreted() else "gpu"])
     _divergence_fwd_kernel[(n,)](
         student, teacher, row_weight, loss_rows,
         grad_student if want_s else loss_rows, grad_teacher if want_t else loss_rows,
