@@ -3,7 +3,7 @@ import numbers
 
 import torch
 
-from . import _backend as B
+from . import _backend
 from . import _plumbing as P
 from .reference import dac_kl as ref
 
@@ -89,7 +89,7 @@ def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_
     if not isinstance(t2_scale, bool):
         raise TypeError(f"t2_scale must be a bool, got {type(t2_scale).__name__}")
     P.check_choice("reduction", reduction, P.REDUCTIONS)
-    P.check_choice("backend", backend, B.BACKENDS)
+    P.check_choice("backend", backend, _backend.BACKENDS)
     lead_shape = student_logits.shape[:-1]
     n_rows = student_logits.numel() // max(student_logits.shape[-1], 1)
     device = student_logits.device
@@ -101,7 +101,7 @@ def dac_kl(student_logits, teacher_logits, lower, upper, *, temperature=1.0, t2_
     if backend == "cuda":
         raise ValueError("dac_kl has no CUDA C++ kernels; use backend='triton' (GPU), 'cpu' "
                          "or 'reference'")
-    backend = B.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype),
+    backend = _backend.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype),
                                 family="dac_kl")
     fp64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
     weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,

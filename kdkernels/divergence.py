@@ -1,7 +1,7 @@
 """Public API of the logit-divergence family: divergence() and its aliases."""
 import torch
 
-from . import _backend as B
+from . import _backend
 from . import _plumbing as P
 from .ops import divergence as ops
 from .reference import divergence as ref
@@ -51,7 +51,7 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
     n_rows = student_logits.numel() // student_logits.shape[-1]
     device = student_logits.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
-    backend = B.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
+    backend = _backend.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
     fp64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
     weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,
                            reduction=reduction, num_items=num_items, device=device,

@@ -3,7 +3,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend as B
+from . import _backend
 from . import _plumbing as P
 from .divergence import KINDS
 from .ops import divergence as div_ops
@@ -98,7 +98,7 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         chunk_size = P.check_int("chunk_size", chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    backend = B.resolve_backend(backend, device, (hs.dtype, ht.dtype))
+    backend = _backend.resolve_backend(backend, device, (hs.dtype, ht.dtype))
     fp64 = backend == "reference" and torch.float64 in (hs.dtype, ht.dtype)
     wdtype = torch.float64 if fp64 else torch.float32
     row_weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from . import _backend as B
+from . import _backend
 from . import _plumbing as P
 from .reference import mixing_matrix as ref
 
@@ -31,7 +31,7 @@ def check_options(*, scale=None, squared=False, reduction="mean", backend="auto"
     if not isinstance(squared, bool):
         raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
     P.check_choice("reduction", reduction, P.REDUCTIONS)
-    P.check_choice("backend", backend, B.BACKENDS)
+    P.check_choice("backend", backend, _backend.BACKENDS)
     if backend == "cuda":
         raise ValueError("mixing_matrix_loss has no CUDA C++ kernels; use backend='triton' "
                          "(GPU), 'cpu' or 'reference'")
@@ -113,7 +113,7 @@ def mixing_matrix_loss(q, k, C, B, log_decay, D=None, *, scale=None, squared=Fal
             raise ValueError(f"log_decay must be <= 0 (a decay, log of a factor in (0, 1]); "
                              f"its max is {worst}")
     scale = 1.0 / math.sqrt(dim) if options["scale"] is None else options["scale"]
-    backend = B.resolve_backend(options["backend"], q.device, [x.dtype for x in tensors],
+    backend = _backend.resolve_backend(options["backend"], q.device, [x.dtype for x in tensors],
                                 family="mixing_matrix")
     if backend == "reference":
         per_head = ref.mixing_matrix_loss_per_head(q, k, C, B, log_decay, D, scale=scale,

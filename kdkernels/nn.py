@@ -1,7 +1,7 @@
 """torch.nn.Module wrappers: hold the loss options, take the tensors per call."""
 import torch
 
-from . import _backend as B
+from . import _backend
 from . import _plumbing as P
 from .dac_kl import dac_kl
 from .divergence import divergence
@@ -15,7 +15,7 @@ def _validate_now(fn, *example, has_cuda=True, **options):
     """Modules check their options at construction, not at the first step: one call of the
     loss on a tiny example on the reference backend (unknown or bad options raise there), and
     the backend choice itself (has_cuda: whether the family has CUDA C++ kernels)."""
-    backend = P.check_choice("backend", options.get("backend", "auto"), B.BACKENDS)
+    backend = P.check_choice("backend", options.get("backend", "auto"), _backend.BACKENDS)
     if backend == "cuda" and not has_cuda:
         raise ValueError(f"{fn.__name__} has no CUDA C++ kernels; use backend='triton' (GPU), "
                          f"'cpu' or 'reference'")

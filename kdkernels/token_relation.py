@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from . import _backend as B
+from . import _backend
 from . import _plumbing as P
 from .reference import token_relation as ref
 
@@ -82,7 +82,7 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
         if tuple(mask.shape) != (batch, t):
             raise ValueError(f"mask must be (batch, T) = {(batch, t)}, got {tuple(mask.shape)}")
     P.check_choice("reduction", reduction, P.REDUCTIONS)
-    P.check_choice("backend", backend, B.BACKENDS)
+    P.check_choice("backend", backend, _backend.BACKENDS)
     tensors = [x for x in (student_feats, teacher_feats, student_keys, teacher_keys, mask)
                if x is not None]
     if any(x.device != student_feats.device for x in tensors):
@@ -90,7 +90,7 @@ def token_relation_loss(student_feats, teacher_feats, *, student_keys=None, teac
     if backend == "cuda":
         raise ValueError("token_relation_loss has no CUDA C++ kernels; use backend='triton' "
                          "(GPU), 'cpu' or 'reference'")
-    backend = B.resolve_backend(backend, student_feats.device,
+    backend = _backend.resolve_backend(backend, student_feats.device,
                                 [x.dtype for x in tensors if x.is_floating_point()],
                                 family="token_relation")
     if backend == "reference":

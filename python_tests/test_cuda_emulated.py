@@ -88,28 +88,50 @@ def make_rows(layout, dtypes, n=5):
     return s[:, :v].contiguous(), t[:, :v].contiguous()
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
-@pytest.mark.parametrize("kind,params", KIND_SPECS, ids=SPEC_IDS)
+def _matrix_cases():
+    """Every kind spec × dtype pair × kernel, each in one layout (vector path, scalar tail,
+    misaligned rows), rotated so that every combination of any three of the four occurs:
+    every template instantiation <mode, VEC, student type, teacher type> (kind × dtypes ×
+    layout) runs, every kind and dtype pair on every kernel, every layout on every kernel
+    with every kind and with every dtype pair. The full product (3× the cases) added only
+    four-way combinations of those same paths."""
+    for i, ((kind, params), spec_id) in enumerate(zip(KIND_SPECS, SPEC_IDS)):
+        for d, dtypes in enumerate(DTYPE_PAIRS):
+            for k, kernel in enumerate(KERNELS):
+                layout = LAYOUTS[(i + d + k) % len(LAYOUTS)]
+                dtype_id = f"{str(dtypes[0])[6:]}-{str(dtypes[1])[6:]}"
+                yield pytest.param(kind, params, dtypes, layout, kernel,
+                                   id=f"{spec_id}-{dtype_id}-{layout}-{kernel}")
+
+
+@pytest.mark.parametrize("kind,params,dtypes,layout,kernel", list(_matrix_cases()))
 def test_emulated_cuda_matches_cpu(emulated, kind, params, dtypes, layout, kernel):
     s, t = make_rows(layout, dtypes)
     w = torch.tensor([0.25, 0.0, 0.5, 1.0, 2.0])  # row 1 dropped
     compare(emulated, s, t, w, kind, params, kernel=kernel)
 
 
+TAIDS = (1.0, 0.0, 0.4)
+GRAD_CHOICES = ((True, False), (False, True), (False, False), (True, True))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", kdkernels.KINDS)
 def test_emulated_cuda_taid_masks_and_grad_choices(emulated, kind, kernel):
+    """Every gradient choice, each with one TAID λ, rotated so that every combination of any
+    three of (kind, kernel, λ, gradient choice) occurs. λ enters in the loads only (the
+    interpolated target), the gradient choice in which sweeps run and what they store; the
+    full product (3× the launches) added only four-way combinations of those paths."""
     s = logits((4, 777), torch.float32, "cpu", seed=52)
     t = logits((4, 777), torch.float32, "cpu", seed=53)
     s[:, 700:] = t[:, 700:] = float("-inf")  # a masked vocabulary
     t[2, ::5] = float("-inf") if kind != "rkl" else t[2, ::5]
     w = torch.full((4,), 0.25)
-    for taid in (1.0, 0.0, 0.4):
-        for grads in ((True, False), (False, True), (False, False), (True, True)):
-            compare(emulated, s, t, w, kind, {}, temperature=0.5, taid=taid, grads=grads,
-                    kernel=kernel)
+    offset = kdkernels.KINDS.index(kind) + list(KERNELS).index(kernel)
+    for g, grads in enumerate(GRAD_CHOICES):
+        taid = TAIDS[(g + offset) % len(TAIDS)]
+        compare(emulated, s, t, w, kind, {}, temperature=0.5, taid=taid, grads=grads,
+                kernel=kernel)
 
 
 @pytest.mark.parametrize("rows,vocab", [(2, 1), (11, 2), (11, 31), (19, 512), (9, 513),

@@ -42,9 +42,8 @@ def evaluate(backend, s, t, *, grad_out=None, **kw):
     return loss.detach(), s.grad, t.grad
 
 
-def check_against_reference(backend, s, t, grad_out=None, **kw):
-    out_dtypes = (s.dtype, t.dtype)
-    loss, gs, gt = evaluate(backend, s, t, grad_out=grad_out, **kw)
+def reference_results(s, t, grad_out=None, **kw):
+    """The reference's (loss, student grad, teacher grad) in float64 and in float32."""
     r64 = evaluate("reference", s.double(), t.double(),
                    grad_out=None if grad_out is None else grad_out.double(), **kw)
     r32 = evaluate("reference", s.float(), t.float(), grad_out=grad_out, **kw)
@@ -52,6 +51,15 @@ def check_against_reference(backend, s, t, grad_out=None, **kw):
     # gradient at all (None), the kernels' an exact zero one.
     r64 = tuple(torch.zeros_like(t, dtype=torch.float64) if g is None else g for g in r64)
     r32 = tuple(torch.zeros_like(t, dtype=torch.float32) if g is None else g for g in r32)
+    return r64, r32
+
+
+def check_against_reference(backend, s, t, grad_out=None, refs=None, **kw):
+    """backend against the reference; refs: reference_results(s, t, grad_out, **kw) when the
+    caller has them already (the same inputs checked on several backends)."""
+    out_dtypes = (s.dtype, t.dtype)
+    loss, gs, gt = evaluate(backend, s, t, grad_out=grad_out, **kw)
+    r64, r32 = reference_results(s, t, grad_out, **kw) if refs is None else refs
     assert loss.dtype == torch.float32
     assert gs.dtype == out_dtypes[0] and gt.dtype == out_dtypes[1]
     units = 2.0 if (backend == "triton" and s.device.type == "cpu") else 1.0  # see assert_matches
@@ -64,20 +72,48 @@ def check_against_reference(backend, s, t, grad_out=None, **kw):
 
 
 # ------------------------------------------------------------------ the main matrix
-@pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
-@pytest.mark.parametrize("kind,params", KIND_SPECS, ids=SPEC_IDS)
-def test_matches_reference(backend, device, dtype, temperature, kind, params):
-    s = logits((41, 1271), dtype, device, seed=1)
-    t = logits((41, 1271), dtype, device, seed=2)
-    check_against_reference(backend, s, t, kind=kind, temperature=temperature, **params)
+# Every kind spec at every temperature, each in one dtype, rotated so that every (kind, dtype)
+# and every (temperature, dtype) pair occurs as well, on every backend. The temperature enters
+# the kernels only as the factor 1/T (no branch or specialization depends on it) and the dtype
+# only through the loads and the one rounding of each output, so the full product (3× the
+# cases) repeated the same paths; test_grad_scaler_factor, test_misaligned_rows and
+# test_mixed_dtypes test the dtypes further. Rows are independent (one program, or one
+# parallel_for item, each): 13 per case, with new logits in every case (676 distinct rows,
+# where the full product checked the same 41 in each of its cases).
+TEMPERATURES = [0.5, 1.0, 2.0, 4.0]
+MAIN_CASES = [pytest.param(kind, params, temperature, DTYPES[(i + j) % len(DTYPES)],
+                           100 + 2 * (len(TEMPERATURES) * i + j),
+                           id=f"{spec_id}-{temperature}-{DTYPES[(i + j) % len(DTYPES)]}")
+              for i, ((kind, params), spec_id) in enumerate(zip(KIND_SPECS, SPEC_IDS))
+              for j, temperature in enumerate(TEMPERATURES)]
+_main_refs = {}  # the reference's results for the last case, shared by its backends
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("rows", ["labels", "mask", "all"])
-@pytest.mark.parametrize("kind", kdkernels.KINDS)
+@pytest.mark.parametrize("kind,params,temperature,dtype,seed", MAIN_CASES)
+def test_matches_reference(backend, device, dtype, temperature, kind, params, seed):
+    s = logits((13, 1271), dtype, device, seed=seed)
+    t = logits((13, 1271), dtype, device, seed=seed + 1)
+    kw = dict(kind=kind, temperature=temperature, **params)
+    key = (seed, dtype, device)
+    if key not in _main_refs:
+        _main_refs.clear()
+        _main_refs[key] = reference_results(s, t, **kw)
+    check_against_reference(backend, s, t, refs=_main_refs[key], **kw)
+
+
+# Row selection and reduction are the host's (kdkernels/_plumbing.py: each row's weight, and
+# the incoming gradient); the kind is the kernels' mode. Every (reduction, rows) pair, and
+# every kind with every reduction and with every row selection: 18 cases, not 54.
+REDUCTIONS, ROW_SELECTIONS = ["mean", "sum", "none"], ["labels", "mask", "all"]
+REDUCTION_CASES = [pytest.param(reduction, ROW_SELECTIONS[(k + r) % 3], kind,
+                                id=f"{kind}-{ROW_SELECTIONS[(k + r) % 3]}-{reduction}")
+                   for k, kind in enumerate(kdkernels.KINDS)
+                   for r, reduction in enumerate(REDUCTIONS)]
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("reduction,rows,kind", REDUCTION_CASES)
 def test_reductions_and_masks(backend, device, reduction, rows, kind):
     s = logits((3, 5, 203), torch.float32, device, seed=3)  # leading dims (3, 5)
     t = logits((3, 5, 203), torch.float32, device, seed=4)
@@ -549,11 +585,22 @@ def test_triton_kernels_compile_for_gpus():
     package_root = os.path.dirname(os.path.dirname(kdkernels.__file__))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = package_root
-    out = subprocess.run([sys.executable, script, "80", "90"], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "compiled 48 variants for sm_80" in out.stdout and "for sm_90" in out.stdout
-    assert "compiled 12 mixing-matrix kernels for sm_90" in out.stdout
+    # One process per architecture, side by side (each compiles one kernel at a time, so on
+    # a machine with two cores the pair takes the time of one).
+    procs = {arch: subprocess.Popen([sys.executable, script, arch], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for arch in ("80", "90")}
+    try:
+        out = {arch: p.communicate(timeout=600) for arch, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for arch, p in procs.items():
+        assert p.returncode == 0, out[arch][0][-2000:] + out[arch][1][-3000:]
+    assert "compiled 48 variants for sm_80" in out["80"][0]
+    assert "compiled 48 variants for sm_90" in out["90"][0]
+    assert "compiled 12 mixing-matrix kernels for sm_90" in out["90"][0]
 
 
 # ------------------------------------------------------------------ hardening: edge semantics

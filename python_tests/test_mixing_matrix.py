@@ -71,18 +71,49 @@ def check(backend, inputs, device="cpu", strict=False, **kw):
     return got
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("t", [1, 7, 64, 257, 1024])
+def _interpreted(kernel):
+    return kernel.values == ("triton", "cpu")
+
+
+def _shape_cases():
+    """(backend, device, T) for test_shapes. T = 1024 (8 of the cpu kernel's 128-token tiles,
+    16 of Triton's 64-row blocks) runs on every backend but the Triton interpreter, where
+    T = 257 (5 blocks, the last one row: the multi-block forward, rows and columns walks)
+    takes the same loops."""
+    for kernel in KERNELS:
+        for t in (1, 7, 64, 257, 1024):
+            if not (_interpreted(kernel) and t > 257):
+                yield pytest.param(*kernel.values, t, id=f"{t}-{kernel.id}")
+
+
+@pytest.mark.parametrize("backend,device,t", list(_shape_cases()))
 @pytest.mark.parametrize("heads,groups", [(1, 1), (4, 1), (4, 4)])
 def test_shapes(backend, device, t, heads, groups):
     check(backend, make_inputs(batch=2, t=t, heads=heads, groups=groups, seed=t), device)
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("dim,n", [(16, 64), (64, 16)])
-@pytest.mark.parametrize("decay", ["strong", "moderate", "weak"])
-@pytest.mark.parametrize("squared", [False, True])
-@pytest.mark.parametrize("with_d", [False, True])
+# (dim, n), decay, squared, with_d: the full product on the native backends; on the Triton
+# interpreter a covering set holding every pair of option values (6 cases, not 24). Only the
+# widths change the Triton kernels' code (compile-time tile shapes); decay is log_decay's
+# values, squared the host's loss (√S or S) and backward coefficient (1/L or 2), and without
+# D the launcher passes D = 0.
+OPTION_VALUES = [[(16, 64), (64, 16)], ["strong", "moderate", "weak"], [False, True], [False, True]]
+OPTION_PAIRS = [((16, 64), "strong", False, False), ((16, 64), "moderate", True, True),
+                ((16, 64), "weak", False, True), ((64, 16), "strong", True, True),
+                ((64, 16), "moderate", False, False), ((64, 16), "weak", True, False)]
+
+
+def _option_cases():
+    import itertools  # noqa: PLC0415
+
+    for kernel in KERNELS:
+        combos = OPTION_PAIRS if _interpreted(kernel) else itertools.product(*OPTION_VALUES)
+        for (dim, n), decay, squared, with_d in combos:
+            yield pytest.param(*kernel.values, dim, n, decay, squared, with_d,
+                               id=f"{with_d}-{squared}-{decay}-{dim}-{n}-{kernel.id}")
+
+
+@pytest.mark.parametrize("backend,device,dim,n,decay,squared,with_d", list(_option_cases()))
 def test_options(backend, device, dim, n, decay, squared, with_d):
     inputs = make_inputs(t=300, dim=dim, n=n, decay=decay, seed=1)
     if not with_d:
@@ -90,8 +121,13 @@ def test_options(backend, device, dim, n, decay, squared, with_d):
     check(backend, inputs, device, squared=squared)
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+# The reductions are the host's (kdkernels/mixing_matrix.py: a sum or a mean of the kernels'
+# (batch, H) losses); to the kernels they are only the incoming gradient, which "none" with a
+# random one per unit covers: the Triton interpreter runs that one.
+@pytest.mark.parametrize("backend,device,reduction", [
+    pytest.param(*kernel.values, reduction, id=f"{reduction}-{kernel.id}")
+    for kernel in KERNELS for reduction in ("mean", "sum", "none")
+    if reduction == "none" or not _interpreted(kernel)])
 def test_reductions_and_teacher_lse(backend, device, reduction):
     q, k, C, B, ld, D = make_inputs(batch=2, t=270, seed=2)
     scale = 0.3

@@ -207,16 +207,25 @@ def test_kernels_match_reference(backend, device, similarity, loss, causal, keys
           temperature=0.7, teacher_temperature=1.9)
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("t", [1, 5, 64, 300, 1024])
+def _shape_cases():
+    """(backend, device, T) for test_kernel_shapes. T = 1024 (4 of the cpu kernel's 256-token
+    tiles, 16 of Triton's 64-row blocks) runs on every backend but the Triton interpreter,
+    where T = 300 (5 blocks, the last partial: the multi-block row and column walks, causal
+    and not) takes the same loops."""
+    for kernel in KERNELS:
+        backend, device = kernel.values
+        for t in (1, 5, 64, 300, 1024):
+            if not (backend == "triton" and device == "cpu" and t > 300):
+                yield pytest.param(backend, device, t, id=f"{t}-{kernel.id}")
+
+
+@pytest.mark.parametrize("backend,device,t", list(_shape_cases()))
 @pytest.mark.parametrize("heads", [None, 4])
 def test_kernel_shapes(backend, device, t, heads):
-    interpreted = backend == "triton" and device == "cpu"
-    big = interpreted and t * (heads or 1) > 1200  # the interpreter is slow: one sequence less
-    case = make_case(batch=1 if big else 2, heads=heads, t=t, ds=16, dt=48, seed=t)
+    case = make_case(batch=2, heads=heads, t=t, ds=16, dt=48, seed=t)
     check(backend, device, case, loss="kl" if t % 2 else "mse", causal=t > 64)
     check(backend, device, case[:4] + (None,), similarity="cosine", causal=t <= 64)
-    if t >= 300 and not (interpreted and t > 300):
+    if t >= 300:
         # the cpu kernel's symmetric walk (no keys, not causal) over several tiles, with padding
         check(backend, device, case, loss="mse" if t % 2 else "kl")
 
@@ -344,11 +353,26 @@ def test_cpu_kernel_under_inductor_with_strided_features():
 
 # ---- the temperature range, the NaN rule, degenerate shapes, double backward ------------
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-@pytest.mark.parametrize("temperature,teacher_temperature",
-                         [(1e-6, None), (10.0, None), (1e-6, 10.0), (10.0, 1e-6)])
-@pytest.mark.parametrize("similarity", ["dot", "cosine"])
-@pytest.mark.parametrize("keys", [False, True])
+def _temperature_end_cases():
+    """(backend, device, temperature, teacher_temperature, similarity, keys): the full product
+    on the native backends; on the Triton interpreter every temperature pair with each
+    similarity, keys rotated so that every temperature pair runs with and without keys and
+    every similarity with and without keys (8 of the 16). The temperatures are only the
+    kernels' logit scales (no branch depends on them)."""
+    ends = [(1e-6, None), (10.0, None), (1e-6, 10.0), (10.0, 1e-6)]
+    for kernel in KERNELS:
+        for keys in (False, True):
+            for s, similarity in enumerate(("dot", "cosine")):
+                for e, (temperature, teacher_temperature) in enumerate(ends):
+                    if kernel.values != ("triton", "cpu") or keys == bool((e + s) % 2):
+                        yield pytest.param(*kernel.values, temperature, teacher_temperature,
+                                           similarity, keys,
+                                           id=f"{keys}-{similarity}-{temperature}-"
+                                              f"{teacher_temperature}-{kernel.id}")
+
+
+@pytest.mark.parametrize("backend,device,temperature,teacher_temperature,similarity,keys",
+                         list(_temperature_end_cases()))
 def test_temperature_range_ends(backend, device, temperature, teacher_temperature, similarity,
                                 keys):
     """Both ends of the accepted range, [1e-6, 10], for either model: at 1e-6 the relation
