@@ -37,12 +37,7 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
     logits requires grad, in its own dtype.
     """
     P.check_pair(student_logits, teacher_logits)
-    P.check_choice("kind", kind, KINDS)
-    temperature = P.check_temperature("temperature", temperature)
-    beta = P.check_real("beta", beta, low=0.0, high=1.0)
-    skew = P.check_real("skew", skew, low=0.0, high=1.0, high_open=True)
-    if taid_t is not None:
-        taid_t = P.check_real("taid_t", taid_t, low=0.0, high=1.0)
+    temperature, beta, skew, taid_t = check_options(kind, temperature, beta, skew, taid_t)
     if not isinstance(t2_scale, bool):
         raise TypeError(f"t2_scale must be a bool, got {type(t2_scale).__name__}")
     P.check_choice("reduction", reduction, P.REDUCTIONS)
@@ -72,6 +67,18 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
                         grad_on and student_logits.requires_grad,
                         grad_on and teacher_logits.requires_grad)
     return loss if reduction != "none" else loss.reshape(lead_shape)
+
+
+def check_options(kind, temperature, beta, skew, taid_t):
+    """The family's options, checked (ValueError / TypeError naming the argument), as Python
+    floats: (temperature, beta, skew, taid_t). Shared by the ops built on this family."""
+    P.check_choice("kind", kind, KINDS)
+    temperature = P.check_temperature("temperature", temperature)
+    beta = P.check_real("beta", beta, low=0.0, high=1.0)
+    skew = P.check_real("skew", skew, low=0.0, high=1.0, high_open=True)
+    if taid_t is not None:
+        taid_t = P.check_real("taid_t", taid_t, low=0.0, high=1.0)
+    return temperature, beta, skew, taid_t
 
 
 def _reference(student, teacher, weight, kept, **kw):

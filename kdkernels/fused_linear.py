@@ -5,7 +5,7 @@ import torch
 
 from . import _backend
 from . import _plumbing as P
-from .divergence import KINDS
+from .divergence import check_options as check_divergence_options
 from .ops import divergence as div_ops
 from .ops import fused_linear as ops
 from .reference import fused_linear as ref
@@ -62,12 +62,8 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     if hs.device != ht.device:
         raise ValueError(f"student_hidden and teacher_hidden must be on the same device, got "
                          f"{hs.device} and {ht.device}")
-    P.check_choice("kind", kind, KINDS)
-    temperature = P.check_temperature("temperature", temperature)
-    beta = P.check_real("beta", beta, low=0.0, high=1.0)
-    skew = P.check_real("skew", skew, low=0.0, high=1.0, high_open=True)
-    if taid_t is not None:
-        taid_t = P.check_real("taid_t", taid_t, low=0.0, high=1.0)
+    temperature, beta, skew, taid_t = check_divergence_options(kind, temperature, beta, skew,
+                                                               taid_t)
     for name, flag in (("t2_scale", t2_scale), ("return_components", return_components),
                        ("weight_grad_fp32", weight_grad_fp32)):
         if not isinstance(flag, bool):
