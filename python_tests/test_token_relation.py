@@ -4,6 +4,7 @@ per-row losses and the gradients of the student's features and keys; padding, ke
 dtypes, extreme values, the temperature range's ends, strided inputs, torch.compile; the NaN
 rule (per sequence), empty batches and sequences, double backward; bad input."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def check(backend, device, case, rounding_units=1.0, factor=8.0, **kw):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("keys", [False, True])
 def test_kernels_match_reference(backend, device, similarity, loss, causal, keys):
-    case = make_case(batch=3, t=100, keys=keys, seed=hash((similarity, loss, causal, keys)) % 1000)
+    case = make_case(batch=3, t=100, keys=keys, seed=zlib.crc32(repr((similarity, loss, causal, keys)).encode()) % 1000)
     check(backend, device, case, similarity=similarity, loss=loss, causal=causal,
           temperature=0.7, teacher_temperature=1.9)
 
