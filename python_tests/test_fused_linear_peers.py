@@ -35,6 +35,12 @@ SPEC_IDS = ["fkl", "rkl", "jsd-beta0.3", "jsd-beta0.5", "jsd-beta0.9"]
 PEER_CASES = [pytest.param(trl_chunked, torch.float32, id="trl-fp32"),
               pytest.param(liger_jsd, torch.float32, id="liger-fp32"),
               pytest.param(liger_jsd, torch.float64, id="liger-fp64")]
+# (backend, dtype) pairs ours runs: the cpu kernels take fp32/bf16/fp16, float64 runs on the
+# reference (the cpu backend's refusal of float64 is tested in test_fused_linear.py).
+OURS_CASES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in BACKENDS
+              for d in (torch.float32, torch.float64) if not (b == "cpu" and d == torch.float64)]
+OURS_PEER_CASES = [pytest.param(b, *c.values, id=f"{b}-{c.id}") for b in BACKENDS for c in PEER_CASES
+                   if not (b == "cpu" and c.values[1] == torch.float64)]
 
 
 # ------------------------------------------------------------------ the contract, in float64
@@ -181,10 +187,7 @@ def check_triple(who, got, r64, r32, dtype, extra=(0.0, 0.0, 0.0), fp32_loss=Fal
         check(f"{who} {name}", got[i], r64[i], tol, extra[i])
 
 
-def ours(backend, dtype):
-    if backend == "cpu" and dtype == torch.float64:
-        pytest.skip("float64 runs on backend='reference' only (the kernels take fp32/bf16/fp16)")
-
+def ours(backend):
     def fn(sh, sw, th, tw, **kw):
         return kdkernels.fused_linear_divergence(sh, sw, th, tw, backend=backend, **kw)
     return fn
@@ -236,8 +239,7 @@ def test_peer_unsupported_kinds(peer):
 
 
 # ------------------------------------------------------------------ ours vs the peers
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("peer,dtype", PEER_CASES)
+@pytest.mark.parametrize("backend,peer,dtype", OURS_PEER_CASES)
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("kind,beta", KIND_SPECS, ids=SPEC_IDS)
 @pytest.mark.parametrize("with_labels", [False, True], ids=["all-rows", "ignore-index"])
@@ -246,7 +248,7 @@ def test_matches_peer(backend, peer, dtype, temperature, kind, beta, with_labels
     peer's own measured error against the float64 formula (its distance from the truth, which
     is not ours to blame) plus the rule of `tolerance` for ours; on failure, the message says
     which side is off the float64 arbiter."""
-    fn = ours(backend, dtype)
+    fn = ours(backend)
     tensors, labels = inputs(dtype, labels=with_labels)
     kw = peer_kw(kind, beta, temperature, labels)
     t2 = temperature ** 2
@@ -271,7 +273,7 @@ def test_without_t2_equals_peer(backend, peer):
     tensors, labels = inputs(torch.float32)
     kw = peer_kw("jsd", 0.5, 2.5, labels)
     p = evaluate(peer, tensors, **kw)
-    mine = evaluate(ours(backend, torch.float32), tensors, t2_scale=False, **kw)
+    mine = evaluate(ours(backend), tensors, t2_scale=False, **kw)
     r64, r32 = references(tensors, t2_scale=False, **kw)
     check_triple("ours(t2_scale=False)", mine, r64, r32, torch.float32)
     for i in range(3):
@@ -279,13 +281,12 @@ def test_without_t2_equals_peer(backend, peer):
         check("ours(t2_scale=False) vs peer", mine[i], p[i], tol, (p[i].double() - r64[i]).abs())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend,dtype", OURS_CASES)
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_hard_label_ce_matches_liger(backend, dtype, temperature):
     """hard_label_weight: both add w·CE(student logits at T = 1, label) averaged over the kept
     rows; Liger without T² on the soft part, so compare at t2_scale=False."""
-    fn = ours(backend, dtype)
+    fn = ours(backend)
     tensors, labels = inputs(dtype)
     kw = peer_kw("jsd", 0.3, temperature, labels)
     p = evaluate(liger_jsd, tensors, hard_label_weight=0.7, **kw)
@@ -305,15 +306,20 @@ def test_hard_label_ce_matches_liger(backend, dtype, temperature):
 def test_leading_dims(backend, peer):
     """(B, K, H) hidden states and (B, K) labels: the peers see the flattened rows."""
     tensors, labels = inputs(torch.float32, lead=(3, 5))
-    kw = peer_kw("fkl", 0.5, 2.5, labels)
+    check_vs_t2_peer("leading dims", peer, backend, tensors, peer_kw("fkl", 0.5, 2.5, labels))
+
+
+def check_vs_t2_peer(what, peer, backend, tensors, kw):
+    """ours (fp32, t2_scale=True) == T²·peer: loss and both student gradients, shapes too."""
+    t2 = kw["temperature"] ** 2
     p = evaluate(peer, tensors, **kw)
-    mine = evaluate(ours(backend, torch.float32), tensors, **kw)
+    mine = evaluate(ours(backend), tensors, **kw)
     r64, r32 = references(tensors, **kw)
     for i in range(3):
         tol = tolerance(r64[i], r32[i], torch.float32)
         assert mine[i].shape == r64[i].shape
-        check("ours vs T²·peer, leading dims", mine[i], 6.25 * p[i], tol,
-              (6.25 * p[i].double() - r64[i]).abs())
+        check(f"ours vs T²·peer, {what}", mine[i], t2 * p[i], tol,
+              (t2 * p[i].double() - r64[i]).abs())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -322,7 +328,7 @@ def test_all_rows_dropped(backend, peer):
     """Every label ignore_index: 0 loss, 0 gradients everywhere (all divide by max(1, kept))."""
     tensors, _ = inputs(torch.float32, labels=False)
     labels = torch.full((N,), -100)
-    for fn in (peer, ours(backend, torch.float32)):
+    for fn in (peer, ours(backend)):
         loss, gh, gw = evaluate(fn, tensors, **peer_kw("jsd", 0.5, 2.5, labels))
         assert loss.item() == 0.0 and (gh == 0).all() and (gw == 0).all()
 
@@ -335,14 +341,7 @@ def test_padded_teacher_vocab(backend, peer):
     columns; the adapters cut both heads to that, so ours == T²·peer, and the student head's
     gradient has the full (V, H_s) shape."""
     tensors, labels = inputs(torch.float32, v_t=V + 6)
-    kw = peer_kw("jsd", 0.5, 2.5, labels)
-    p = evaluate(peer, tensors, **kw)
-    mine = evaluate(ours(backend, torch.float32), tensors, **kw)
-    r64, r32 = references(tensors, **kw)
-    for i in range(3):
-        tol = tolerance(r64[i], r32[i], torch.float32)
-        check("ours vs T²·peer, padded teacher", mine[i], 6.25 * p[i], tol,
-              (6.25 * p[i].double() - r64[i]).abs())
+    check_vs_t2_peer("padded teacher", peer, backend, tensors, peer_kw("jsd", 0.5, 2.5, labels))
 
 
 def test_trl_raw_padded_teacher_is_our_contract():
