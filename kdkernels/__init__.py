@@ -9,12 +9,15 @@ from .dac_kl import dac_kl
 from .divergence import KINDS, divergence, jsd, kl_div, reverse_kl, tvd
 from .fused_linear import FusedLinearDivergenceOutput, fused_linear_divergence
 from .mixing_matrix import mixing_matrix_loss
+from .sparse import (fused_linear_sparse_divergence, fused_linear_topk_logprobs, sparse_divergence,
+                     topk_logprobs)
 from .token_relation import token_relation_loss
 
 __version__ = "0.1.0"
 __all__ = ["KINDS", "FusedLinearDivergenceOutput", "backend_info", "dac_kl", "divergence",
-           "fused_linear_divergence", "jsd", "kl_div", "mixing_matrix_loss", "nn", "reverse_kl",
-           "token_relation_loss", "tvd"]
+           "fused_linear_divergence", "fused_linear_sparse_divergence",
+           "fused_linear_topk_logprobs", "jsd", "kl_div", "mixing_matrix_loss", "nn", "reverse_kl",
+           "sparse_divergence", "token_relation_loss", "topk_logprobs", "tvd"]
 
 
 def backend_info():

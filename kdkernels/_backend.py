@@ -33,7 +33,8 @@ def resolve_backend(backend, device, dtypes, *, family="divergence"):
     """Pick the backend for tensors on `device` with `dtypes`.
 
     family: 'cpu' / 'cuda' are available when kdkernels::{family}_fwd has a native kernel for
-    the device's dispatch key."""
+    the device's dispatch key; None for a family whose 'cpu' / 'cuda' backends run ATen ops
+    (always available; on GPUs "auto" then prefers its Triton kernels)."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         env = os.environ.get("KDKERNELS_BACKEND") or "auto"  # set but empty: unset
@@ -43,6 +44,10 @@ def resolve_backend(backend, device, dtypes, *, family="divergence"):
     if backend == "auto":
         if any(d == torch.float64 for d in dtypes):
             return "reference"
+        if device.type == "cuda" and family is None:
+            return "triton" if _triton_importable() else "cuda"
+        if device.type == "cpu" and family is None:
+            return "cpu"
         if device.type == "cuda":
             cuda_built = _extension.native_available(family, "CUDA")
             if cuda_built and (CUDA_BACKEND_VERIFIED or not _triton_importable()):
@@ -60,12 +65,12 @@ def resolve_backend(backend, device, dtypes, *, family="divergence"):
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {device}; use 'auto', "
                              f"'triton' or 'cuda' for GPU tensors")
-        if not _extension.native_available(family, "CPU", warn=True):
+        if family is not None and not _extension.native_available(family, "CPU", warn=True):
             return "reference"  # the loader warned once, saying why and how to fix it
     elif backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {device}")
-        if not _extension.native_available(family, "CUDA"):
+        if family is not None and not _extension.native_available(family, "CUDA"):
             raise ValueError("backend='cuda' is not available: kdkernels was built without its "
                              "CUDA kernels (rebuild on a machine with nvcc, or with "
                              "KDKERNELS_FORCE_CUDA=1); use backend='triton' (or 'auto')")

@@ -98,10 +98,64 @@ def check_int(name, value):
     return int(value)
 
 
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_choice(name, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def check_linear(side, hidden, weight, bias):
+    """A model's last hidden states (..., H), lm_head weight (V, H) and bias (V,) or None, for
+    the fused-linear ops (side: 'student' / 'teacher', or '' for a single model)."""
+    pre = f"{side}_" if side else ""
+    name = f"{pre}hidden"
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or "
+                        f"float64), got dtype {hidden.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{pre}weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"{pre}weight must be (V, H) (an lm_head), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{pre}weight (V, H) must have H = {pre}hidden's last dim "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{pre}weight must have {pre}hidden's dtype {hidden.dtype}, got "
+                        f"{weight.dtype} (under mixed precision, pass the lm_head weight in the "
+                        f"hidden states' dtype, e.g. weight.to(hidden.dtype))")
+    if weight.device != hidden.device:
+        raise ValueError(f"{pre}weight must be on {hidden.device}, got {weight.device}")
+    if weight.shape[1] > 1 and weight.stride(1) != 1:
+        raise ValueError(f"{pre}weight must have unit stride along H (a (V, H) weight or its "
+                         f"row slice), got strides {weight.stride()}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{pre}bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{pre}bias must have shape ({weight.shape[0]},) (one per row of "
+                         f"{pre}weight), got {tuple(bias.shape)}")
+    if bias.dtype != hidden.dtype or bias.device != hidden.device:
+        raise TypeError(f"{pre}bias must be {hidden.dtype} on {hidden.device}, got "
+                        f"{bias.dtype} on {bias.device}")
+
+
+def check_softcap(name, cap):
+    """A logit softcap (> 0) or None."""
+    if cap is None:
+        return None
+    return check_real(name, cap, low=0.0, low_open=True)
+
 
 
 # ----------------------------------------------------------------------- rows and weights
@@ -228,3 +282,16 @@ def as_rows(x):
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+def cross_entropy_rows(n_rows, kept, labels, *, reduction, num_items, device, dtype):
+    """(labels (N,) int64 or None, weights (N,)) of the fused-linear ops' cross-entropy: the
+    flattened labels (dropped rows: 0, any valid index; the ops check the range) and their row
+    weights (the reduction's, without T²), or (None, zeros) when labels is None."""
+    if labels is None:
+        return None, torch.zeros(n_rows, dtype=dtype, device=device)
+    flat = labels.reshape(-1).long()
+    if kept is not None:
+        flat = torch.where(kept, flat, 0)
+    return flat, row_weights(n_rows, kept, scale=1.0, reduction=reduction, num_items=num_items,
+                             device=device, dtype=dtype)

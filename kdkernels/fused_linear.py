@@ -54,8 +54,8 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     constant (no gradient, whether or not its tensors require grad). Returns a float32 loss
     (float64 on the reference backend for float64 inputs)."""
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
-    _check_model("student", hs, ws, student_bias)
-    _check_model("teacher", ht, wt, teacher_bias)
+    P.check_linear("student", hs, ws, student_bias)
+    P.check_linear("teacher", ht, wt, teacher_bias)
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(f"student_hidden and teacher_hidden must have the same leading dims, got "
                          f"{tuple(hs.shape)} and {tuple(ht.shape)}")
@@ -73,8 +73,8 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     soft = P.check_real("soft_label_weight", soft_label_weight, low=0.0)
     s_scale = P.check_real("student_logit_scale", student_logit_scale, low=0.0, low_open=True)
     t_scale = P.check_real("teacher_logit_scale", teacher_logit_scale, low=0.0, low_open=True)
-    s_cap = _softcap("student_softcap", student_softcap)
-    t_cap = _softcap("teacher_softcap", teacher_softcap)
+    s_cap = P.check_softcap("student_softcap", student_softcap)
+    t_cap = P.check_softcap("teacher_softcap", teacher_softcap)
     v_max = min(ws.shape[0], wt.shape[0])
     if vocab_size is None:
         vocab = v_max
@@ -100,14 +100,9 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     row_weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
                                reduction=reduction, num_items=num_items, device=device,
                                dtype=wdtype)
-    flat_labels = None  # the cross-entropy's targets, when a cross-entropy is computed
-    if labels is not None and (hard > 0 or return_components):
-        flat_labels = labels.reshape(-1).long()
-        flat_labels = torch.where(kept, flat_labels, 0)  # dropped rows: any valid index
-        # (the op checks the range: ValueError, in eager and compiled calls alike)
-    ce_weight = (P.row_weights(n, kept, scale=1.0, reduction=reduction, num_items=num_items,
-                               device=device, dtype=wdtype)
-                 if flat_labels is not None else torch.zeros(n, dtype=wdtype, device=device))
+    flat_labels, ce_weight = P.cross_entropy_rows(
+        n, kept, labels if hard > 0 or return_components else None, reduction=reduction,
+        num_items=num_items, device=device, dtype=wdtype)
     hs2, ht2 = hs.reshape(n, hs.shape[-1]), ht.reshape(n, ht.shape[-1])
 
     if backend == "reference":
@@ -134,49 +129,6 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         return loss
     num_kept = (torch.tensor(n, device=device) if kept is None else kept.sum())
     return FusedLinearDivergenceOutput(loss, div.detach(), ce.detach(), entropy.detach(), num_kept)
-
-
-def _check_model(side, hidden, weight, bias):
-    name = f"{side}_hidden"
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dtype not in P.INPUT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or "
-                        f"float64), got dtype {hidden.dtype}")
-    if hidden.dim() < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{side}_weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or weight.shape[0] < 1:
-        raise ValueError(f"{side}_weight must be (V, H) (an lm_head), got {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{side}_weight (V, H) must have H = {side}_hidden's last dim "
-                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{side}_weight must have {side}_hidden's dtype {hidden.dtype}, got "
-                        f"{weight.dtype} (under mixed precision, pass the lm_head weight in the "
-                        f"hidden states' dtype, e.g. weight.to(hidden.dtype))")
-    if weight.device != hidden.device:
-        raise ValueError(f"{side}_weight must be on {hidden.device}, got {weight.device}")
-    if weight.shape[1] > 1 and weight.stride(1) != 1:
-        raise ValueError(f"{side}_weight must have unit stride along H (a (V, H) weight or its "
-                         f"row slice), got strides {weight.stride()}")
-    if bias is None:
-        return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{side}_bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{side}_bias must have shape ({weight.shape[0]},) (one per row of "
-                         f"{side}_weight), got {tuple(bias.shape)}")
-    if bias.dtype != hidden.dtype or bias.device != hidden.device:
-        raise TypeError(f"{side}_bias must be {hidden.dtype} on {hidden.device}, got "
-                        f"{bias.dtype} on {bias.device}")
-
-
-def _softcap(name, cap):
-    if cap is None:
-        return None
-    return P.check_real(name, cap, low=0.0, low_open=True)
 
 
 def _reference(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, kept, *, soft, hard,

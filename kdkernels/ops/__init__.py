@@ -3,7 +3,7 @@
 Native (C++/CUDA) ops are defined in csrc/ with TORCH_LIBRARY; their Python-side
 registrations run once the extension is loaded (register_native). Triton ops are
 defined here as opaque custom ops, so torch.compile sees one node per call."""
-from . import dac_kl, divergence, fused_linear, mixing_matrix, token_relation
+from . import dac_kl, divergence, fused_linear, mixing_matrix, sparse, token_relation
 
 
 _native_registered = []

@@ -136,12 +136,42 @@ def run(hs, *args, **kwargs):
         return _run(hs, *args, **kwargs)
 
 
-def _run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, swap, mix,
-         temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk, backend,
-         grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
-    """The chunk loop (see the module comment); chunk 0: default_chunk. Returns the per-row
-    weighted divergence and cross-entropy (N,) float32, the entropy sum, and dh, dWs, dbs
-    (None where not asked)."""
+class DivergenceStep:
+    """The row step of fused_linear_divergence: the teacher's logits per chunk (its own lm_head),
+    then the divergence rows of `backend` (ops/divergence.py rows_into).
+
+    A row step is what the chunk loop (_run) runs on each chunk of the student's logits; the
+    ops built on the loop bring their own (ops/sparse.py: a top-k teacher, top-k extraction):
+        buffers             how many extra (chunk, V) float32 buffers it needs (bufs below)
+        select(pick)        the step restricted to the kept rows (pick gathers them)
+        __call__(zs, rows, w, loss_out, g, bufs)
+            zs (m, V) float32, the chunk's student logits (capped and scaled); rows: its slice of
+            the kept rows; w (m,) the row weights; writes loss_out (m,) ← w·L and, when g is
+            given, g (m, V) ← d(w·L)/dzs. g may be zs itself (in place); zs may be overwritten
+            when g is zs or None (the loop has no further use for it then)."""
+    buffers = 1
+
+    def __init__(self, ht, wt, bt, *, vocab, t_scale, t_cap, mode, swap, mix, temperature, taid,
+                 backend):
+        self.teacher = (ht, wt, bt, vocab, t_scale, t_cap)
+        self.args = (mode, swap, mix, temperature, taid)
+        self.backend = backend
+
+    def select(self, pick):
+        ht, wt, bt, vocab, t_scale, t_cap = self.teacher
+        self.side = _Side(pick(ht), wt, bt, vocab, t_scale, t_cap)
+        return self
+
+    def __call__(self, zs, rows, w, loss_out, g, bufs):
+        zt = self.side.logits_into(bufs[0][:zs.shape[0]], rows)
+        rows_into(self.backend, zs, zt, w, *self.args, loss_out, g)
+
+
+def _run(hs, ws, bs, step, row_weight, ce_weight, labels, *, vocab, temperature, soft, hard,
+         s_scale, s_cap, chunk, grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
+    """The chunk loop (see the module comment) around a row step (DivergenceStep's comment);
+    chunk 0: default_chunk. Returns the per-row weighted loss of the step and cross-entropy
+    (N,) float32, the entropy sum, and dh, dWs, dbs (None where not asked)."""
     n, device = hs.shape[0], hs.device
     div_rows = torch.zeros(n, dtype=torch.float32, device=device)
     ce_rows = torch.zeros(n, dtype=torch.float32, device=device)
@@ -173,7 +203,7 @@ def _run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, 
             dw.zero_()
         return div_rows, ce_rows, entropy_sum, dh, dw, db
     s_side = _Side(pick(hs), ws, bs, vocab, s_scale, s_cap)
-    t_side = _Side(pick(ht), wt, bt, vocab, t_scale, t_cap)
+    step = step.select(pick)
     w_k, cew_k = pick(row_weight).float().contiguous(), pick(ce_weight).float()
     lab_k = None if labels is None else pick(labels)
     use_ce = lab_k is not None and (hard != 0.0 or entropy)
@@ -188,20 +218,20 @@ def _run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, 
     db_v = None if db is None else db[:vocab]
 
     # The (chunk, V) float32 buffers: the student's logits (then, in place, their gradient),
-    # the teacher's, the gradient's own where the logits are still needed after the divergence
-    # rows, and a scratch for the cross-entropy's and the entropy's exponentials.
+    # the step's own (the teacher's logits), the gradient's where the logits are still needed
+    # after the step, and a scratch for the cross-entropy's and the entropy's exponentials.
     scratch = use_ce or entropy
-    chunk = min(chunk or default_chunk(k, vocab, 2 + separate + scratch, device), k)
+    n_bufs = 1 + step.buffers + separate + scratch
+    chunk = min(chunk or default_chunk(k, vocab, n_bufs, device), k)
     bufs = [torch.empty((chunk, vocab), dtype=torch.float32, device=device)
-            for _ in range(2 + separate + scratch)]
-    zs_buf, zt_buf = bufs[0], bufs[1]
-    g_buf = bufs[2] if separate else None
+            for _ in range(n_bufs)]
+    zs_buf, step_bufs = bufs[0], bufs[1:1 + step.buffers]
+    g_buf = bufs[1 + step.buffers] if separate else None
     sc_buf = bufs[-1] if scratch else None
     for a in range(0, k, chunk):
         rows = slice(a, min(a + chunk, k))
         m = rows.stop - a
         zs = s_side.logits_into(zs_buf[:m], rows)
-        zt = t_side.logits_into(zt_buf[:m], rows)
         lse = None
         if entropy:
             entropy_sum += _entropy_sum(zs, temperature, sc_buf[:m])
@@ -211,7 +241,7 @@ def _run(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, vocab, mode, 
         g = None
         if any_grad:
             g = g_buf[:m] if separate else zs
-        rows_into(backend, zs, zt, w_k[rows], mode, swap, mix, temperature, taid, div_k[rows], g)
+        step(zs, rows, w_k[rows], div_k[rows], g, step_bufs)
         if not any_grad:
             continue
         _epilogue(g, zs, lse, None if lab_k is None else lab_k[rows], cew_k[rows],
@@ -307,17 +337,13 @@ def fused_linear_divergence_fwd(
         s_scale: float, t_scale: float, s_cap: float, t_cap: float, chunk: int, backend: str,
         reduce: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool, entropy: bool,
         weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    wants = (grad_hidden and reduce, grad_weight and reduce, grad_bias and reduce)
-    div, ce, ent, dh, dw, db = run(
-        hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, vocab=vocab, mode=mode, swap=swap,
-        mix=mix, temperature=temperature, taid=taid, soft=soft, hard=hard, s_scale=s_scale,
-        t_scale=t_scale, s_cap=s_cap, t_cap=t_cap, chunk=chunk, backend=backend,
-        grad_hidden=wants[0], grad_weight=wants[1], grad_bias=wants[2], entropy=entropy,
+    step = DivergenceStep(ht, wt, bt, vocab=vocab, t_scale=t_scale, t_cap=t_cap, mode=mode,
+                          swap=swap, mix=mix, temperature=temperature, taid=taid, backend=backend)
+    return forward_outputs(
+        hs, ws, bs, step, row_weight, ce_weight, labels, reduce=reduce, vocab=vocab,
+        temperature=temperature, soft=soft, hard=hard, s_scale=s_scale, s_cap=s_cap, chunk=chunk,
+        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias, entropy=entropy,
         weight_grad_fp32=weight_grad_fp32)
-    if reduce:
-        div, ce = div.double().sum(), ce.double().sum()
-    loss = combine(soft, div, hard, ce).float()
-    return (loss, div.float(), ce.float(), ent.float()) + _or_placeholders(hs, dh, dw, db)
 
 
 @torch.library.custom_op("kdkernels::fused_linear_divergence_bwd", mutates_args=(),
@@ -331,14 +357,36 @@ def fused_linear_divergence_bwd(
         weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of Σ_i grad_rows_i·loss_i (reduction='none'): the chunk loop again, with
     row weights w_i·g_i, in the inputs' dtypes."""
+    step = DivergenceStep(ht, wt, bt, vocab=vocab, t_scale=t_scale, t_cap=t_cap, mode=mode,
+                          swap=swap, mix=mix, temperature=temperature, taid=taid, backend=backend)
+    return backward_outputs(
+        grad_rows, hs, ws, bs, step, row_weight, ce_weight, labels, vocab=vocab,
+        temperature=temperature, soft=soft, hard=hard, s_scale=s_scale, s_cap=s_cap, chunk=chunk,
+        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
+        weight_grad_fp32=weight_grad_fp32)
+
+
+def forward_outputs(hs, ws, bs, step, row_weight, ce_weight, labels, *, reduce, grad_hidden,
+                    grad_weight, grad_bias, soft, hard, **loop):
+    """The forward op's outputs for a row step (also ops/sparse.py's): loss, divergence and
+    cross-entropy parts, entropy, and (reduce) dh, dWs, dbs or their placeholders."""
+    div, ce, ent, dh, dw, db = run(
+        hs, ws, bs, step, row_weight, ce_weight, labels, soft=soft, hard=hard,
+        grad_hidden=grad_hidden and reduce, grad_weight=grad_weight and reduce,
+        grad_bias=grad_bias and reduce, **loop)
+    if reduce:
+        div, ce = div.double().sum(), ce.double().sum()
+    loss = combine(soft, div, hard, ce).float()
+    return (loss, div.float(), ce.float(), ent.float()) + _or_placeholders(hs, dh, dw, db)
+
+
+def backward_outputs(grad_rows, hs, ws, bs, step, row_weight, ce_weight, labels, **loop):
+    """The backward op's outputs (reduction='none'): the chunk loop again with row weights
+    w_i·g_i, gradients in the inputs' dtypes."""
     g = grad_rows.float()  # (a dropped row stays dropped, whatever its upstream gradient)
     _, _, _, dh, dw, db = run(
-        hs, ws, bs, ht, wt, bt, torch.where(row_weight != 0, row_weight * g, 0.0),
-        torch.where(ce_weight != 0, ce_weight * g, 0.0), labels, vocab=vocab, mode=mode,
-        swap=swap, mix=mix, temperature=temperature, taid=taid, soft=soft, hard=hard,
-        s_scale=s_scale, t_scale=t_scale, s_cap=s_cap, t_cap=t_cap, chunk=chunk, backend=backend,
-        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias, entropy=False,
-        weight_grad_fp32=weight_grad_fp32)
+        hs, ws, bs, step, torch.where(row_weight != 0, row_weight * g, 0.0),
+        torch.where(ce_weight != 0, ce_weight * g, 0.0), labels, entropy=False, **loop)
     return _or_placeholders(hs, *(None if g is None else g.to(x.dtype)
                                   for g, x in ((dh, hs), (dw, ws), (db, ws))))
 
@@ -360,10 +408,9 @@ def _or_placeholders(like, *grads):
     return tuple(like.new_empty((0,)) if g is None else g for g in grads)
 
 
-@fused_linear_divergence_fwd.register_fake
-def _fake_fwd(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, vocab, mode, swap, mix,
-              temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk, backend,
-              reduce, grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
+def fake_forward_outputs(hs, ws, *, reduce, grad_hidden, grad_weight, grad_bias,
+                         weight_grad_fp32):
+    """Shapes and dtypes of forward_outputs (the fake kernels of the ops built on the loop)."""
     shape = () if reduce else (hs.shape[0],)
     f32 = dict(dtype=torch.float32)
     acc = weight_grad_dtype(ws.dtype, weight_grad_fp32)
@@ -377,44 +424,60 @@ def _fake_fwd(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, vocab, mode
             hs.new_empty((), **f32), dh, dw, db)
 
 
-@fused_linear_divergence_bwd.register_fake
-def _fake_bwd(grad_rows, hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, vocab, mode,
-              swap, mix, temperature, taid, soft, hard, s_scale, t_scale, s_cap, t_cap, chunk,
-              backend, grad_hidden, grad_weight, grad_bias, weight_grad_fp32):
+def fake_backward_outputs(hs, ws, *, grad_hidden, grad_weight, grad_bias):
+    """Shapes and dtypes of backward_outputs."""
     return (hs.new_empty(hs.shape if grad_hidden else (0,)),
             hs.new_empty(ws.shape if grad_weight else (0,), dtype=ws.dtype),
             hs.new_empty((ws.shape[0],) if grad_bias else (0,), dtype=ws.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    kw = dict(zip(SCHEMA_ARGS, inputs))
-    ctx.reduce = kw["reduce"]
-    ctx.dtypes = (kw["hs"].dtype, kw["ws"].dtype)
-    if ctx.reduce:
-        keep_for_hand_over(ctx, *output[4:])
-    else:
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(kw["hs"], kw["ws"], kw["bs"], kw["ht"], kw["wt"], kw["bt"],
-                              kw["row_weight"], kw["ce_weight"], kw["labels"])
-        ctx.scalars = {name: kw[name] for name in SCHEMA_ARGS[9:]
-                       if name not in ("reduce", "entropy")}
+@fused_linear_divergence_fwd.register_fake
+def _fake_fwd(*args):
+    kw = dict(zip(SCHEMA_ARGS, args))
+    return fake_forward_outputs(kw["hs"], kw["ws"], **{name: kw[name] for name in (
+        "reduce", "grad_hidden", "grad_weight", "grad_bias", "weight_grad_fp32")})
 
 
-def _backward(ctx, grad_loss, *_unused):
-    if ctx.reduce:
-        dh, dw, db = take_handed_over(ctx)
-        grads = (scale(dh, grad_loss, True, ctx.dtypes[0]), scale(dw, grad_loss, True, ctx.dtypes[1]),
-                 scale(db, grad_loss, True, ctx.dtypes[1]))
-    elif grad_loss is None:
-        grads = (None, None, None)
-    else:
-        hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels = ctx.saved_tensors
-        dh, dw, db = torch.ops.kdkernels.fused_linear_divergence_bwd(
-            grad_loss, hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, **ctx.scalars)
-        grads = tuple(None if g.dim() == 1 and g.shape[0] == 0 else g for g in (dh, dw, db))
-    return grads + (None,) * (len(SCHEMA_ARGS) - 3)  # schema order: hs, ws, bs, then constants
+@fused_linear_divergence_bwd.register_fake
+def _fake_bwd(grad_rows, *args):
+    kw = dict(zip(SCHEMA_ARGS, args))
+    return fake_backward_outputs(kw["hs"], kw["ws"], grad_hidden=kw["grad_hidden"],
+                                 grad_weight=kw["grad_weight"], grad_bias=kw["grad_bias"])
 
 
-torch.library.register_autograd(
-    "kdkernels::fused_linear_divergence_fwd",
-    first_order("fused_linear_divergence_fwd", _backward), setup_context=_setup_context)
+def register_autograd(fwd, bwd, schema_args, n_tensors):
+    """Autograd of a forward/backward op pair built on the chunk loop: its schema is
+    schema_args, the first n_tensors of them tensors (hs, ws, bs first), the backward op's
+    (grad_rows, those tensors, the constants but reduce and entropy). reduce: the forward's
+    gradients handed over and scaled; else the backward op reruns the loop."""
+    constants = [name for name in schema_args[n_tensors:] if name not in ("reduce", "entropy")]
+
+    def setup_context(ctx, inputs, output):
+        kw = dict(zip(schema_args, inputs))
+        ctx.reduce = kw["reduce"]
+        ctx.dtypes = (kw["hs"].dtype, kw["ws"].dtype)
+        if ctx.reduce:
+            keep_for_hand_over(ctx, *output[4:])
+        else:
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(*inputs[:n_tensors])
+            ctx.scalars = {name: kw[name] for name in constants}
+
+    def backward(ctx, grad_loss, *_unused):
+        if ctx.reduce:
+            dh, dw, db = take_handed_over(ctx)
+            grads = (scale(dh, grad_loss, True, ctx.dtypes[0]),
+                     scale(dw, grad_loss, True, ctx.dtypes[1]),
+                     scale(db, grad_loss, True, ctx.dtypes[1]))
+        elif grad_loss is None:
+            grads = (None, None, None)
+        else:
+            out = getattr(torch.ops.kdkernels, bwd)(grad_loss, *ctx.saved_tensors, **ctx.scalars)
+            grads = tuple(None if g.dim() == 1 and g.shape[0] == 0 else g for g in out)
+        return grads + (None,) * (len(schema_args) - 3)  # hs, ws, bs, then constants
+
+    torch.library.register_autograd(f"kdkernels::{fwd}", first_order(fwd, backward),
+                                    setup_context=setup_context)
+
+
+register_autograd("fused_linear_divergence_fwd", "fused_linear_divergence_bwd", SCHEMA_ARGS, 9)
