@@ -8,6 +8,7 @@ from .divergence import divergence
 from .fused_linear import fused_linear_divergence
 from .mixing_matrix import check_options as check_mixing_matrix_options
 from .mixing_matrix import mixing_matrix_loss
+from .sparse import fused_linear_sparse_divergence, sparse_divergence
 from .token_relation import token_relation_loss
 
 
@@ -100,6 +101,62 @@ class FusedLinearDivergenceLoss(torch.nn.Module):
                                        teacher_weight, labels=labels, mask=mask,
                                        num_items=num_items, student_bias=student_bias,
                                        teacher_bias=teacher_bias, **options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SparseDivergenceLoss(torch.nn.Module):
+    """Module form of kdkernels.sparse_divergence (a top-k teacher); keyword options are the
+    same. forward(student_logits, teacher_logprobs, teacher_indices, labels=None, mask=None,
+    num_items=None)."""
+
+    def __init__(self, kind="fkl", **options):
+        super().__init__()
+        for per_call in ("labels", "mask", "num_items"):
+            if per_call in options:
+                raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
+        self.kind, self.options = kind, options
+        _validate_now(sparse_divergence, torch.zeros(1, 2), torch.zeros(1, 1),
+                      torch.zeros(1, 1, dtype=torch.long), kind=kind, **options)
+
+    def forward(self, student_logits, teacher_logprobs, teacher_indices, labels=None, mask=None,
+                num_items=None):
+        return sparse_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                 kind=self.kind, labels=labels, mask=mask, num_items=num_items,
+                                 **self.options)
+
+    def extra_repr(self):
+        return ", ".join([f"kind={self.kind!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
+
+
+class FusedLinearSparseDivergenceLoss(torch.nn.Module):
+    """Module form of kdkernels.fused_linear_sparse_divergence; keyword options are the same.
+    forward(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels=None,
+    mask=None, num_items=None, student_bias=None)."""
+
+    PER_CALL = ("labels", "mask", "num_items", "student_bias")
+
+    def __init__(self, **options):
+        super().__init__()
+        for per_call in self.PER_CALL:
+            if per_call in options:
+                raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
+        self.options = options
+        labels = torch.zeros(1, dtype=torch.long) if options.get("hard_label_weight") else None
+        vocab = options.get("vocab_size")
+        if vocab is not None and P.check_int("vocab_size", vocab) < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab}")
+        # (vocab_size is checked against the weight per call; the example's V is 3)
+        _validate_now(fused_linear_sparse_divergence, torch.zeros(1, 2), torch.zeros(3, 2),
+                      torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), labels=labels,
+                      **{**options, "vocab_size": None})
+
+    def forward(self, student_hidden, student_weight, teacher_logprobs, teacher_indices,
+                labels=None, mask=None, num_items=None, student_bias=None):
+        return fused_linear_sparse_divergence(
+            student_hidden, student_weight, teacher_logprobs, teacher_indices, labels=labels,
+            mask=mask, num_items=num_items, student_bias=student_bias, **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
