@@ -202,10 +202,10 @@ def topk_lower_index(x, k):
     return vals, ids.gather(1, order)
 
 
-def logits_loop(logits, step, row_weight, *, chunk, grad):
+def logits_loop(logits, step, row_weight, *, chunk, grad, out_dtype=None):
     """The chunk loop of the ops that take logits (N, V): each chunk of kept rows copied into
     one float32 buffer (cache-sized: LOGITS_CHUNK_BUDGET), the step run on it, its gradient
-    (grad) copied out in grad_dtype(logits). Returns the row losses (N,) and the gradient."""
+    (grad) copied out in out_dtype. Returns the row losses (N,) and the gradient."""
     n, vocab = logits.shape
     device = logits.device
     kept = row_weight != 0
@@ -214,8 +214,8 @@ def logits_loop(logits, step, row_weight, *, chunk, grad):
     loss = torch.zeros(n, dtype=torch.float32, device=device)
     out = None
     if grad:
-        out = logits.new_empty(logits.shape, dtype=grad_dtype(logits.dtype)) if idx is None \
-            else logits.new_zeros(logits.shape, dtype=grad_dtype(logits.dtype))
+        out = logits.new_empty(logits.shape, dtype=out_dtype) if idx is None \
+            else logits.new_zeros(logits.shape, dtype=out_dtype)
     if k == 0:
         return loss, out
     pick = (lambda x: x) if idx is None else (lambda x: x.index_select(0, idx))
@@ -284,12 +284,14 @@ def sparse_divergence_fwd(student: Tensor, lp: Tensor, idx: Tensor, row_weight: 
                           teacher_temperature: float, chunk: int, backend: str, reduce: bool,
                           grad_student: bool) -> tuple[Tensor, Tensor]:
     """loss (() if reduce else (N,)) and, when asked, the gradient (N, V) of the weighted
-    losses (in grad_dtype(student)) for student logits (N, V)."""
+    losses for student logits (N, V), in grad_dtype(student) (fp32 for 16-bit logits with
+    per-row upstream gradients, reduce=False: rounded once, after backward's scaling)."""
     check_teacher(lp, idx, student.shape[1])
     step = SparseStep(lp, idx, kind=kind, beta=beta, tail=tail, temperature=temperature,
                       teacher_temperature=teacher_temperature, backend=backend)
     with torch.autocast(device_type=student.device.type, enabled=False):
-        loss, grad = logits_loop(student, step, row_weight, chunk=chunk, grad=grad_student)
+        loss, grad = logits_loop(student, step, row_weight, chunk=chunk, grad=grad_student,
+                                 out_dtype=grad_dtype(student.dtype, not reduce))
     loss = loss.double().sum().float() if reduce else loss
     return loss, student.new_empty((0,)) if grad is None else grad
 
@@ -299,7 +301,7 @@ def _fake(student, lp, idx, row_weight, kind, beta, tail, temperature, teacher_t
           chunk, backend, reduce, grad_student):
     loss = row_weight.new_empty(() if reduce else (student.shape[0],), dtype=torch.float32)
     g = student.new_empty(student.shape if grad_student else (0,),
-                          dtype=grad_dtype(student.dtype))
+                          dtype=grad_dtype(student.dtype, not reduce))
     return loss, g
 
 
