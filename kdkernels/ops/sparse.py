@@ -12,19 +12,19 @@ below, inside the fused-linear chunk loop (ops/fused_linear.py run) for hidden-s
 or inside logits_loop for logits. Per chunk, x = the student's logits / T in a float32 buffer:
 
     1. gather x at the teacher's K indices, then set x = −inf at the real ones (finite log-prob)
-    2. lse_c = logsumexp of what is left (row_logsumexp: the only read of x before the gradient)
+    2. lse_c = logsumexp of what is left (normalize_)
     3. the K-entry math, in float64 on (rows, K) tensors (entry_math): log q_k = x_k − lse,
        lse = logaddexp(lse_c, logsumexp x_I); the tail's log q_tail = lse_c − lse exactly (never
        1 − Σq); each kind's terms and G_e = ∂L/∂log q_e; and with C = Σ_e G_e, the gradient
            dL/dz_v = (G_v − q_v·C)/T                         v ∈ I (scattered)
            dL/dz_v = e^(x_v − lse_c)·(G_tail − C·q_tail)/T   v ∉ I (G_tail = 0 without a bucket)
        the second one a softmax over the others, bounded as q_tail → 0 (DistillKit #45)
-    4. x ← coef·e^(x − base) (scaled_exp_, in place: x is then the gradient), + the scatter.
+    4. x ← coef·e^(x − lse_c) (gradient_, in place: x is then the gradient), + the scatter.
 
 The full-vocabulary passes (2, 4) run as Triton kernels on backend 'triton'
-(kdkernels/triton_kernels/sparse.py) and as ATen's own vectorized ops on 'cpu' and 'cuda'
-(the family has no hand-written C++/CUDA kernel: on chunks that fit in cache, ATen's passes
-are memory-bound already; bench/results says how fast). Teacher inputs are constants.
+(kdkernels/triton_kernels/sparse.py: one read, then one read and write) and as ATen's own
+vectorized ops on 'cpu' and 'cuda' (five in-place passes over a chunk that stays in cache;
+the family has no hand-written C++/CUDA kernel). Teacher inputs are constants.
 
 Arguments in canonical form: kind ∈ reference.sparse.KINDS after canonical_kind (jsd with β
 0 or 1 is fkl / rkl), tail ∈ TAILS, teacher_temperature 0.0 for None; row_weight as in the
@@ -57,25 +57,35 @@ LOGITS_CHUNK_BUDGET = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 
 # ------------------------------------------------------------------- full-vocabulary passes
-def row_logsumexp(backend, x):
-    """(m,) float32 log Σ_v e^(x_v) of each row of x (m, V) float32."""
+def normalize_(backend, x):
+    """(lse (m,) float32, state): lse = log Σ_v e^(x_v) per row of x (m, V) float32, and what
+    gradient_ needs. Triton: one read, x unchanged. ATen ('cpu', 'cuda'): in place, x becomes
+    e^(x − max) and state its row sums S (≥ 1, or 0 for an all −inf row): four passes over a
+    cache-resident chunk and no temporary, where torch.logsumexp would allocate one. Either
+    way x must not be read as logits afterwards."""
     if backend == "triton":
-        from ..triton_kernels.sparse import row_logsumexp as kernel  # noqa: PLC0415 (triton)
+        from ..triton_kernels.sparse import row_logsumexp  # noqa: PLC0415 (imports triton)
 
-        out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        kernel(x, out)
-        return out
-    return torch.logsumexp(x, 1)
+        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        row_logsumexp(x, lse)
+        return lse, lse
+    top = x.amax(1)
+    top = torch.where(torch.isfinite(top), top, 0.0)  # all −inf rows: e^(−inf) = 0, S = 0
+    total = x.sub_(top[:, None]).exp_().sum(1)  # NaN / +inf rows: S is NaN / +inf
+    return top + total.log(), total
 
 
-def scaled_exp_(backend, x, coef, base):
-    """In place, x ← coef·e^(x − base) per row (coef, base (m,) float32, base finite)."""
+def gradient_(backend, x, state, coef, lse):
+    """In place, x ← coef·e^(x₀ − lse) per row, x₀ the logits normalize_ saw (coef, lse (m,)
+    float32; lse = −inf only with coef = 0): the softmax of the rows, scaled."""
     if backend == "triton":
-        from ..triton_kernels.sparse import scaled_exp_ as kernel  # noqa: PLC0415 (triton)
+        from ..triton_kernels.sparse import scaled_exp_  # noqa: PLC0415 (imports triton)
 
-        kernel(x, coef.contiguous(), base.contiguous())
+        base = torch.where(lse == float("-inf"), 0.0, lse)
+        scaled_exp_(x, coef.contiguous(), base.contiguous())
         return x
-    return x.sub_(base[:, None]).exp_().mul_(coef[:, None])
+    # x = e^(x₀ − max), S = Σ x: coef·e^(x₀ − lse) = x·coef/S
+    return x.mul_(torch.where(state > 0, coef / state, 0.0)[:, None])
 
 
 # ------------------------------------------------------------------------- the K-entry math
@@ -99,7 +109,7 @@ def entry_math(zi, lse_c, lp, *, kind, beta, tail, temperature, teacher_temperat
     """Step 3 of the module comment, float64. zi (m, K): x at the indices; lse_c (m,):
     logsumexp of x off the real entries; lp (m, K): the teacher's log-probabilities.
     Returns the row losses (m,), the gradient at the indices (m, K) (0 at padding), and the
-    coef, base (m,) of the gradient off them (coef·e^(x − base))."""
+    coef (m,) of the gradient off them, coef·e^(x − lse_c) (0 where nothing is off them)."""
     real = lp > float("-inf")
     lse = torch.logaddexp(lse_c, torch.logsumexp(torch.where(real, zi, float("-inf")), 1))
     lq = zi - lse[:, None]
@@ -118,7 +128,7 @@ def entry_math(zi, lse_c, lp, *, kind, beta, tail, temperature, teacher_temperat
     on = torch.where(real, (g - lq.exp() * total[:, None]) / temperature, 0.0)
     coef = (g_tail - total * lq_tail.exp()) / temperature
     empty = lse_c == float("-inf")  # no mass off the real entries: nothing to write there
-    return loss, on, torch.where(empty, 0.0, coef), torch.where(empty, 0.0, lse_c)
+    return loss, on, torch.where(empty, 0.0, coef)
 
 
 # ------------------------------------------------------------------------------ row steps
@@ -147,14 +157,15 @@ class SparseStep:
         # −inf at the real entries; a padding entry (+inf here) leaves its column as it was,
         # even where its index repeats a real one (min, not an ordered write).
         x.scatter_reduce_(1, idx, torch.where(real, float("-inf"), float("inf")).float(), "amin")
-        lse_c = row_logsumexp(self.backend, x).double()
-        loss, on, coef, base = entry_math(zi, lse_c, lp, **self.math)
+        lse_c, state = normalize_(self.backend, x)
+        loss, on, coef = entry_math(zi, lse_c.double(), lp, **self.math)
         w = w.double()
         live = w != 0  # a row kept for the cross-entropy only: its divergence is not 0·inf
         loss_out.copy_(torch.where(live, loss * w, 0.0))
         if g is None:
             return
-        scaled_exp_(self.backend, x, torch.where(live, coef * w, 0.0).float(), base.float())
+        gradient_(self.backend, x, state, torch.where(live, coef * w, 0.0).float(),
+                  lse_c)
         x.scatter_add_(1, idx, torch.where(live[:, None], on * w[:, None], 0.0).float())
 
 
@@ -173,13 +184,13 @@ class TopKStep:
     def __call__(self, zs, rows, w, loss_out, g, bufs):
         if self.temperature != 1.0:
             zs.div_(self.temperature)
-        lse = row_logsumexp(self.backend, zs)
+        vals, ids = topk_lower_index(zs, self.k)  # (a NaN row: ranked first, caught below)
+        lse, _ = normalize_(self.backend, zs)  # (zs is not needed after this)
         bad = ~torch.isfinite(lse)
         if bool(bad.any()):
             r = int(bad.nonzero()[0, 0]) + rows.start
             raise ValueError(f"logits row {r} has no distribution (it holds NaN or +inf, or "
                              f"is all −inf): its top-k log-probabilities are undefined")
-        vals, ids = topk_lower_index(zs, self.k)
         self.values[rows] = (vals.double() - lse.double()[:, None]).to(self.values.dtype)
         self.indices[rows] = ids
         loss_out.zero_()
@@ -187,11 +198,17 @@ class TopKStep:
 
 def topk_lower_index(x, k):
     """(values, indices) of the k largest entries of each row of x (no NaN), sorted
-    descending, ties broken by the lower index: torch.topk, then the rows where the k-th
-    value also occurs outside the selection re-picked exactly, then a stable sort."""
-    vals, ids = torch.topk(x, k, dim=1)
+    descending, ties broken by the lower index: torch.topk of k + 1 (a row whose (k+1)-th
+    value equals its k-th has a tie across the boundary: re-picked exactly), then a stable
+    sort of the k."""
+    if k < x.shape[1]:
+        vals, ids = torch.topk(x, k + 1, dim=1)
+        ambiguous = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
+        vals, ids = vals[:, :k].contiguous(), ids[:, :k].contiguous()
+    else:  # the whole row: no boundary
+        vals, ids = torch.topk(x, k, dim=1)
+        ambiguous = ids.new_empty(0)
     kth = vals[:, -1:]
-    ambiguous = ((x == kth).sum(1) > (vals == kth).sum(1)).nonzero().squeeze(1)
     for r in ambiguous.tolist():
         row, t = x[r], kth[r, 0]
         above = (row > t).nonzero().squeeze(1)
