@@ -59,7 +59,7 @@ def sparse_divergence(student_logits, teacher_logprobs, teacher_indices, *, kind
     weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
                            reduction=reduction, num_items=num_items, device=device,
                            dtype=torch.float64 if fp64 else torch.float32)
-    lp, idx = lp.reshape(n, -1), idx.reshape(n, -1)
+    lp, idx = lp.reshape(n, lp.shape[-1]), idx.reshape(n, idx.shape[-1])
     if backend == "reference":
         ops.check_teacher(lp, idx, vocab)
         rows = ref.sparse_divergence_rows(
@@ -131,7 +131,8 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
     flat_labels, ce_weight = P.cross_entropy_rows(
         n, kept, labels if hard > 0 or return_components else None, reduction=reduction,
         num_items=num_items, device=device, dtype=wdtype)
-    hs2, lp, idx = hs.reshape(n, hs.shape[-1]), lp.reshape(n, -1), idx.reshape(n, -1)
+    hs2 = hs.reshape(n, hs.shape[-1])
+    lp, idx = lp.reshape(n, lp.shape[-1]), idx.reshape(n, idx.shape[-1])
 
     if backend == "reference":
         ops.check_teacher(lp, idx, vocab)

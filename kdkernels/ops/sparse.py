@@ -46,10 +46,11 @@ from .fused_linear import (backward_outputs, default_chunk, fake_backward_output
 TAILS = ref.TAILS
 KINDS = ref.KINDS
 MAX_K = 1024
-# How far above 1 a row's stored teacher probabilities may sum (rounding of the stored
-# log-probabilities: a bf16 log-prob near log(1/64) carries 2^-9 of relative error, ~1% of p).
-SUM_TOLERANCE = {torch.float32: 1e-3, torch.float16: 4e-3, torch.bfloat16: 3e-2,
-                 torch.float64: 1e-3}
+# How far above 1 a row's stored teacher probabilities may sum: the rounding of a bf16 cache
+# (a bf16 log-prob near log(1/64) carries 2^-9 of relative error, ~1% of p), whatever dtype
+# it arrives in (an upcast bf16 cache is common). Catches what is not log-probabilities of
+# one distribution (logits, a temperature applied twice), not rounding.
+SUM_TOLERANCE = 3e-2
 POSITIVE_TOLERANCE = 1e-3
 # Rows per chunk of the logits ops: one (chunk, V) float32 buffer within this budget stays in
 # cache between the passes (CPU); CUDA takes larger chunks (fewer launches).
@@ -58,34 +59,38 @@ LOGITS_CHUNK_BUDGET = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 # ------------------------------------------------------------------- full-vocabulary passes
 def normalize_(backend, x):
-    """(lse (m,) float32, state): lse = log Σ_v e^(x_v) per row of x (m, V) float32, and what
-    gradient_ needs. Triton: one read, x unchanged. ATen ('cpu', 'cuda'): in place, x becomes
-    e^(x − max) and state its row sums S (≥ 1, or 0 for an all −inf row): four passes over a
-    cache-resident chunk and no temporary, where torch.logsumexp would allocate one. Either
-    way x must not be read as logits afterwards."""
+    """(lse, state): lse (m,) float64 = log Σ_v e^(x_v) per row of x (m, V) float32, formed
+    as the row maximum + log Σ e^(x − max) in float64 (their fp32 sum would round at |lse|),
+    and what gradient_ needs. Triton: one read, x unchanged. ATen ('cpu', 'cuda'): in place,
+    x becomes e^(x − max): four passes over a cache-resident chunk and no temporary, where
+    torch.logsumexp would allocate one. Either way x is no longer the logits afterwards for
+    the caller's purposes (gradient_ takes it as normalize_ left it)."""
     if backend == "triton":
         from ..triton_kernels.sparse import row_logsumexp  # noqa: PLC0415 (imports triton)
 
-        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        row_logsumexp(x, lse)
-        return lse, lse
+        top, log_sum = (torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+                        for _ in range(2))
+        row_logsumexp(x, top, log_sum)
+        return top.double() + log_sum.double(), top
     top = x.amax(1)
-    top = torch.where(torch.isfinite(top), top, 0.0)  # all −inf rows: e^(−inf) = 0, S = 0
-    total = x.sub_(top[:, None]).exp_().sum(1)  # NaN / +inf rows: S is NaN / +inf
-    return top + total.log(), total
+    top = torch.where(torch.isfinite(top), top, 0.0)  # all −inf rows: e^(−inf) = 0, sum 0
+    total = x.sub_(top[:, None]).exp_().sum(1)  # NaN / +inf rows: NaN / +inf
+    return top.double() + total.double().log(), total
 
 
 def gradient_(backend, x, state, coef, lse):
-    """In place, x ← coef·e^(x₀ − lse) per row, x₀ the logits normalize_ saw (coef, lse (m,)
-    float32; lse = −inf only with coef = 0): the softmax of the rows, scaled."""
+    """In place, x ← coef·e^(x₀ − lse) per row, x₀ the logits normalize_ saw, x and state as
+    it left them; coef, lse (m,) float64 (lse = −inf only where coef = 0): the rows' softmax,
+    scaled. The factor coef·e^(base − lse) is formed in float64, then rounded once."""
     if backend == "triton":
         from ..triton_kernels.sparse import scaled_exp_  # noqa: PLC0415 (imports triton)
 
-        base = torch.where(lse == float("-inf"), 0.0, lse)
-        scaled_exp_(x, coef.contiguous(), base.contiguous())
+        top = state  # the row maxima: x₀ − top is exact enough, the factor carries the rest
+        factor = torch.where(coef != 0, coef * (top.double() - lse).exp(), 0.0)
+        scaled_exp_(x, factor.float(), top)
         return x
-    # x = e^(x₀ − max), S = Σ x: coef·e^(x₀ − lse) = x·coef/S
-    return x.mul_(torch.where(state > 0, coef / state, 0.0)[:, None])
+    # x = e^(x₀ − max), state = Σ x: coef·e^(x₀ − lse) = x·coef/Σ
+    return x.mul_(torch.where(state > 0, coef / state.double(), 0.0).float()[:, None])
 
 
 # ------------------------------------------------------------------------- the K-entry math
@@ -158,14 +163,13 @@ class SparseStep:
         # even where its index repeats a real one (min, not an ordered write).
         x.scatter_reduce_(1, idx, torch.where(real, float("-inf"), float("inf")).float(), "amin")
         lse_c, state = normalize_(self.backend, x)
-        loss, on, coef = entry_math(zi, lse_c.double(), lp, **self.math)
+        loss, on, coef = entry_math(zi, lse_c, lp, **self.math)
         w = w.double()
         live = w != 0  # a row kept for the cross-entropy only: its divergence is not 0·inf
         loss_out.copy_(torch.where(live, loss * w, 0.0))
         if g is None:
             return
-        gradient_(self.backend, x, state, torch.where(live, coef * w, 0.0).float(),
-                  lse_c)
+        gradient_(self.backend, x, state, torch.where(live, coef * w, 0.0), lse_c)
         x.scatter_add_(1, idx, torch.where(live[:, None], on * w[:, None], 0.0).float())
 
 
@@ -191,7 +195,7 @@ class TopKStep:
             r = int(bad.nonzero()[0, 0]) + rows.start
             raise ValueError(f"logits row {r} has no distribution (it holds NaN or +inf, or "
                              f"is all −inf): its top-k log-probabilities are undefined")
-        self.values[rows] = (vals.double() - lse.double()[:, None]).to(self.values.dtype)
+        self.values[rows] = (vals.double() - lse[:, None]).to(self.values.dtype)
         self.indices[rows] = ids
         loss_out.zero_()
 
@@ -272,11 +276,11 @@ def check_teacher(lp, idx, vocab):
     if top > POSITIVE_TOLERANCE:
         raise ValueError(f"teacher_logprobs must be log-probabilities (≤ 0; −inf for padding), "
                          f"got a value {top:.4g}")
-    tol = SUM_TOLERANCE[lp.dtype]
+    tol = SUM_TOLERANCE
     mass = float(torch.logsumexp(lp.double(), -1).max().exp())
     if mass > 1.0 + tol:
         raise ValueError(f"a row's teacher probabilities exp(teacher_logprobs) sum to {mass:.6g}"
-                         f" > 1 (beyond {lp.dtype} rounding, {tol:g}): not top-k "
+                         f" > 1 (beyond a bf16 cache's rounding, {tol:g}): not top-k "
                          f"log-probabilities of one distribution (temperature applied twice?)")
     if os.environ.get("KDKERNELS_DEBUG") == "1":
         _check_unique(lp, idx)

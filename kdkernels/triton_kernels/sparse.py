@@ -4,7 +4,7 @@ program per row, each a sweep over the row in column blocks.
 The teacher is known only at K entries per row, but the student's distribution is over the
 whole vocabulary, so two passes read all V of its logits x:
     row_logsumexp   lse = log Σ_v e^(x_v), the normalizer: log q = x − lse, which the caller
-                    gathers at the teacher's indices
+                    gathers at the teacher's indices (as the row maximum and log Σ e^(x − max))
     scaled_exp_     x_v ← coef·e^(x_v − base), in place over the logits: the gradient's part
                     outside the top-k entries, which the caller completes at those entries
 −inf logits are entries of probability 0: log-sum-exp ignores them and scaled_exp_ writes
@@ -26,7 +26,7 @@ def _block(v):
 
 
 @triton.jit
-def _row_logsumexp_kernel(X, OUT, x_stride, V, BLOCK: tl.constexpr):
+def _row_logsumexp_kernel(X, OUT_MAX, OUT, x_stride, V, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     X += row * x_stride
     offs = tl.arange(0, BLOCK)
@@ -41,8 +41,11 @@ def _row_logsumexp_kernel(X, OUT, x_stride, V, BLOCK: tl.constexpr):
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all −inf so far: z stays 0
         z = z * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
         m = m_new
-    # An all −inf row has z = 0: 0 + log 0 = −inf.
-    tl.store(OUT + row, tl.where(m == float("-inf"), 0.0, m) + tl.log(z))
+    # The maximum and log z apart (the caller adds them in float64: rounding their sum to
+    # fp32 would cost |lse|·2^-24 of relative error in every e^(x − lse)). An all −inf row:
+    # maximum 0 (a finite base for scaled_exp_), log 0 = −inf.
+    tl.store(OUT_MAX + row, tl.where(m == float("-inf"), 0.0, m))
+    tl.store(OUT + row, tl.log(z))
 
 
 @triton.jit
@@ -61,17 +64,18 @@ def _scaled_exp_kernel(X, COEF, BASE, x_stride, V, BLOCK: tl.constexpr):
         tl.store(X + cols, y.to(X.dtype.element_ty), mask=msk)
 
 
-def row_logsumexp(x, out):
-    """out[i] = log Σ_j e^(x[i, j]) for x (m, V) float32 (any row stride, unit column stride)
-    into out (m,) float32 contiguous. One read of x; all −inf rows give −inf, rows holding NaN
-    or +inf give NaN."""
+def row_logsumexp(x, out_max, out):
+    """log Σ_j e^(x[i, j]) = out_max[i] + out[i] for x (m, V) float32 (any row stride, unit
+    column stride), out_max and out (m,) float32 contiguous: out_max the row maximum (0 for an
+    all −inf row), out the log of Σ e^(x − max) (≥ 0; −inf for an all −inf row; NaN for rows
+    holding NaN or +inf). One read of x."""
     m, v = x.shape
     if m == 0:
-        return out
+        return out_max, out
     block = _block(v)
-    _row_logsumexp_kernel[(m,)](x, out, x.stride(0), v, BLOCK=block,
+    _row_logsumexp_kernel[(m,)](x, out_max, out, x.stride(0), v, BLOCK=block,
                                 num_warps=8 if block >= 2048 else 4)
-    return out
+    return out_max, out
 
 
 def scaled_exp_(x, coef, base):
