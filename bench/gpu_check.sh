@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (the device tool's `run`): ~8 minutes on an H200, every
-# stage under its own timeout (100 (setup.py and CMake side by side) + 40 + 140 + 100 + 40 + 90 + 25 + 30
-# + 30 + 45 = 640 s at most: more than one 10-minute call allows, so drop a stage for a run (the
-# two fused-linear stages are the newest; without them 555 s, inside one call).
+# stage under its own timeout (100 (setup.py and CMake side by side) + 40 + 140 + 100 + 40 + 30 + 90
+# + 25 + 30 + 30 + 45 + 40 = 710 s at most: more than one 10-minute call allows, so drop stages
+# for a run (the newest: the two fused-linear and the two sparse-teacher stages; without them
+# 555 s, inside one call). KDK_GPU_SKIP="fused sparse" skips stages by name.
 # On the H200 on 2026-11-29 the CUDA tests took 20 s, the divergence benchmarks 75 s, the MOHAWK
 # benchmark 21 s; the Triton test stages and the token-relation / DAC-KL benchmarks ran out of
 # their (then shorter) times. Return only $OUT's own files: the device tool brings back 8.
@@ -60,10 +61,19 @@ timeout 100 python3 -m pytest -k "not cpu" --durations=15 python_tests/test_mixi
   python_tests/test_dac_kl.py -q -rf -p no:cacheprovider >> "$OUT/tests.log" 2>&1
 say "tests exit $? : $(tail -1 "$OUT/tests.log")"
 
+skip() { [[ " ${KDK_GPU_SKIP:-} " == *" $1 "* ]]; }
+if ! skip fused; then
 say "tests: fused linear + divergence on the GPU (triton and cuda backends; bf16 multi-chunk)"
 timeout 40 python3 -m pytest python_tests/test_fused_linear.py -k "not cpu and not emulated and not readme" \
   -q -rf -p no:cacheprovider >> "$OUT/tests.log" 2>&1
 say "tests exit $? : $(tail -1 "$OUT/tests.log")"
+fi
+if ! skip sparse; then
+say "tests: sparse teachers on the GPU (triton backend)"
+timeout 30 python3 -m pytest python_tests/test_sparse.py -k "triton-cuda" -q -rf -p no:cacheprovider \
+  >> "$OUT/tests.log" 2>&1
+say "tests exit $? : $(tail -1 "$OUT/tests.log")"
+fi
 
 export KDK_BENCH_RECORD="$OUT/summary.txt"
 say "divergence benchmarks (fwd+bwd, N=8192: bf16 V=32000/128256/262144, fp32 V=128256; fkl, jsd, tvd)"
@@ -85,9 +95,18 @@ KDK_DAC_V=128256 KDK_DAC_IMPLS=ours,reference timeout 30 python3 -m pytest bench
   --benchmark-only -q >> "$OUT/bench_mm.txt" 2>&1
 say "bench_dac exit $?"
 grep -A3 "dac_kl fwd" "$OUT/bench_mm.txt" | tee -a "$OUT/summary.txt"
+if ! skip fused; then
 say "fused-linear benchmarks (bf16, N=8192 and 1024, H=4096, V=128256; fkl, jsd; vs bare matmuls, Liger, TRL)"
 KDK_FL_ROUNDS=3 timeout 45 python3 -m pytest bench/bench_fused_linear.py --benchmark-only -q \
   -k "not compile and not eager" >> "$OUT/bench_mm.txt" 2>&1
 say "bench_fl exit $?"
 grep -A9 "fwd+bwd  N=" "$OUT/bench_mm.txt" | grep -v "^--" | tail -24 | tee -a "$OUT/summary.txt"
+fi
+if ! skip sparse; then
+say "sparse-teacher benchmarks (fp32, N=8192, V=151936, K=64; triton vs the DistillKit-style formula, TRL)"
+KDK_SP_CASES=float32:8192x151936x64 timeout 40 python3 -m pytest bench/bench_sparse.py --benchmark-only \
+  -q -k "not compile" > "$OUT/bench_sparse.txt" 2>&1
+say "bench_sparse exit $?"
+grep -A7 "fwd.*N=" "$OUT/bench_sparse.txt" | grep -v "^--" | tail -30 | tee -a "$OUT/summary.txt"
+fi
 say "done"
