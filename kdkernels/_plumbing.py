@@ -295,3 +295,23 @@ def cross_entropy_rows(n_rows, kept, labels, *, reduction, num_items, device, dt
         flat = torch.where(kept, flat, 0)
     return flat, row_weights(n_rows, kept, scale=1.0, reduction=reduction, num_items=num_items,
                              device=device, dtype=dtype)
+
+
+def check_vocab_size(vocab_size, rows, what="the weight's rows"):
+    """The vocabulary columns that take part: vocab_size in [1, rows], or rows if None."""
+    if vocab_size is None:
+        return rows
+    vocab = check_int("vocab_size", vocab_size)
+    if not 1 <= vocab <= rows:
+        raise ValueError(f"vocab_size must be in [1, {rows}] ({what}), got {vocab}")
+    return vocab
+
+
+def check_chunk_size(chunk_size):
+    """Rows per chunk of the chunked ops: an int >= 1, or None (0: the op's default)."""
+    if chunk_size is None:
+        return 0
+    chunk = check_int("chunk_size", chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk}")
+    return chunk

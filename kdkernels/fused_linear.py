@@ -66,8 +66,7 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
                                                                taid_t)
     for name, flag in (("t2_scale", t2_scale), ("return_components", return_components),
                        ("weight_grad_fp32", weight_grad_fp32)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        P.check_bool(name, flag)
     P.check_choice("reduction", reduction, P.REDUCTIONS)
     hard = P.check_real("hard_label_weight", hard_label_weight, low=0.0)
     soft = P.check_real("soft_label_weight", soft_label_weight, low=0.0)
@@ -75,14 +74,9 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     t_scale = P.check_real("teacher_logit_scale", teacher_logit_scale, low=0.0, low_open=True)
     s_cap = P.check_softcap("student_softcap", student_softcap)
     t_cap = P.check_softcap("teacher_softcap", teacher_softcap)
-    v_max = min(ws.shape[0], wt.shape[0])
-    if vocab_size is None:
-        vocab = v_max
-    else:
-        vocab = P.check_int("vocab_size", vocab_size)
-        if not 1 <= vocab <= v_max:
-            raise ValueError(f"vocab_size must be in [1, {v_max}] (the smaller vocabulary: "
-                             f"student {ws.shape[0]}, teacher {wt.shape[0]}), got {vocab}")
+    vocab = P.check_vocab_size(vocab_size, min(ws.shape[0], wt.shape[0]),
+                               f"the smaller vocabulary: student {ws.shape[0]}, teacher "
+                               f"{wt.shape[0]}")
     if hard > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels (the cross-entropy's targets)")
 
@@ -90,10 +84,7 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     n = hs.numel() // hs.shape[-1]
     device = hs.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
-    if chunk_size is not None:
-        chunk_size = P.check_int("chunk_size", chunk_size)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = P.check_chunk_size(chunk_size)  # 0: the op's memory budget (default_chunk)
     backend = _backend.resolve_backend(backend, device, (hs.dtype, ht.dtype))
     fp64 = backend == "reference" and torch.float64 in (hs.dtype, ht.dtype)
     wdtype = torch.float64 if fp64 else torch.float32
@@ -113,7 +104,6 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         loss, div, ce, entropy = (x.sum() if reduction != "none" and x.dim() else x for x in parts)
     else:
         mode, swap, mix = div_ops.kernel_args(kind, beta, skew)
-        chunk = chunk_size or 0  # 0: the op's memory budget (ops.fused_linear.default_chunk)
         grad_on = torch.is_grad_enabled()
         loss, div, ce, entropy, _, _, _ = torch.ops.kdkernels.fused_linear_divergence_fwd(
             hs2, ws, student_bias, ht2.detach(), wt.detach(),

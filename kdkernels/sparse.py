@@ -5,6 +5,7 @@ import torch
 from . import _backend
 from . import _plumbing as P
 from .divergence import check_options as check_divergence_options
+from .reference.divergence import canonical_kind
 from .fused_linear import FusedLinearDivergenceOutput
 from .ops import fused_linear as fused_ops
 from .ops import sparse as ops
@@ -34,7 +35,8 @@ def sparse_divergence(student_logits, teacher_logprobs, teacher_indices, *, kind
         temperature: T in [1e-6, 100]: the student's softmax(z/T).
         teacher_temperature: the temperature T_gen the log-probs were stored at: re-tempered
             as ℓ·T_gen/T and renormalized over K (DistillKit's convention). None: T (none). Not
-            with tail="bucket" (the mass outside the top-k at T is unknown): ValueError.
+            with tail="bucket" (the mass outside the top-k at T is unknown) nor "none"
+            (re-tempered entries are renormalized: that is "renormalize"): ValueError.
         beta, t2_scale, labels, ignore_index, mask, reduction, num_items, backend: as in
             kdkernels.divergence ("cuda" and "cpu" run ATen ops; "triton" its kernels).
         chunk_size: rows per chunk (default: one cache-sized float32 buffer).
@@ -49,7 +51,7 @@ def sparse_divergence(student_logits, teacher_logprobs, teacher_indices, *, kind
         kind, tail, temperature, teacher_temperature, beta)
     P.check_bool("t2_scale", t2_scale)
     P.check_choice("reduction", reduction, P.REDUCTIONS)
-    chunk = _check_chunk(chunk_size)
+    chunk = P.check_chunk_size(chunk_size)
 
     n = student_logits.numel() // vocab
     device = student_logits.device
@@ -61,7 +63,8 @@ def sparse_divergence(student_logits, teacher_logprobs, teacher_indices, *, kind
                            dtype=torch.float64 if fp64 else torch.float32)
     lp, idx = lp.reshape(n, lp.shape[-1]), idx.reshape(n, idx.shape[-1])
     if backend == "reference":
-        ops.check_teacher(lp, idx, vocab)
+        ops.check_teacher(lp, idx, vocab, weight)
+        lp, idx = _live_teacher(lp, idx, kept)
         rows = ref.sparse_divergence_rows(
             P.live_rows(student_logits, kept), lp, idx, kind=kind, tail=tail,
             temperature=temperature, teacher_temperature=teacher_temperature, beta=beta)
@@ -103,7 +106,7 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
     hs, ws = student_hidden, student_weight
     P.check_linear("student", hs, ws, student_bias)
     lead_shape = hs.shape[:-1]
-    vocab = _check_vocab(vocab_size, ws.shape[0])
+    vocab = P.check_vocab_size(vocab_size, ws.shape[0])
     lp, idx = _check_teacher_args(teacher_logprobs, teacher_indices, lead_shape, vocab,
                                   hs.device, "student_hidden")
     kind, temperature, teacher_temperature, beta = _check_options(
@@ -118,7 +121,7 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
     s_cap = P.check_softcap("student_softcap", student_softcap)
     if hard > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels (the cross-entropy's targets)")
-    chunk = _check_chunk(chunk_size)
+    chunk = P.check_chunk_size(chunk_size)
 
     n, device = hs.numel() // hs.shape[-1], hs.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
@@ -135,7 +138,8 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
     lp, idx = lp.reshape(n, lp.shape[-1]), idx.reshape(n, idx.shape[-1])
 
     if backend == "reference":
-        ops.check_teacher(lp, idx, vocab)
+        ops.check_teacher(lp, idx, vocab, row_weight, "vocab_size")
+        lp, idx = _live_teacher(lp, idx, kept)
         parts = _fused_reference(hs2, ws, student_bias, lp, idx, row_weight, ce_weight,
                                  flat_labels, kept, vocab=vocab, kind=kind, tail=tail,
                                  temperature=temperature, teacher_temperature=teacher_temperature,
@@ -170,12 +174,11 @@ def topk_logprobs(logits, k, *, temperature=1.0, logprob_dtype=torch.float32, ch
     k = _check_k(k, vocab)
     temperature = P.check_temperature("temperature", temperature)
     _check_logprob_dtype(logprob_dtype)
-    chunk = _check_chunk(chunk_size)
+    chunk = P.check_chunk_size(chunk_size)
     backend = _backend.resolve_backend(backend, logits.device, (logits.dtype,), family=None)
     rows = logits.detach().reshape(-1, vocab)
     if backend == "reference":
-        values, indices = ref.topk_logprobs(rows, k, temperature=temperature)
-        values = values.to(logprob_dtype)
+        values, indices = _reference_topk(rows, k, temperature, logprob_dtype)
     else:
         values, indices = torch.ops.kdkernels.topk_logprobs(
             P.as_rows(rows), k, temperature, chunk, backend, logprob_dtype)
@@ -191,20 +194,19 @@ def fused_linear_topk_logprobs(hidden, weight, k, *, bias=None, logit_scale=1.0,
     (..., H), weight (V, H), bias (V,); vocab_size: the columns that take part (default V).
     Returns (logprobs (..., k), indices (..., k) int64)."""
     P.check_linear("", hidden, weight, bias)
-    vocab = _check_vocab(vocab_size, weight.shape[0])
+    vocab = P.check_vocab_size(vocab_size, weight.shape[0])
     k = _check_k(k, vocab)
     temperature = P.check_temperature("temperature", temperature)
     scale_ = P.check_real("logit_scale", logit_scale, low=0.0, low_open=True)
     cap = P.check_softcap("softcap", softcap)
     _check_logprob_dtype(logprob_dtype)
-    chunk = _check_chunk(chunk_size)
+    chunk = P.check_chunk_size(chunk_size)
     backend = _backend.resolve_backend(backend, hidden.device, (hidden.dtype,), family=None)
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     w, b = weight.detach(), None if bias is None else bias.detach()
     if backend == "reference":
         z = ref_fused.logits(h, w, b, vocab=vocab, scale=scale_, softcap=cap)
-        values, indices = ref.topk_logprobs(z, k, temperature=temperature)
-        values = values.to(logprob_dtype)
+        values, indices = _reference_topk(z, k, temperature, logprob_dtype)
     else:
         values, indices = torch.ops.kdkernels.fused_linear_topk_logprobs(
             h, w, b, k, vocab, scale_, cap or 0.0, temperature, chunk, backend, logprob_dtype)
@@ -227,9 +229,14 @@ def _check_options(kind, tail, temperature, teacher_temperature, beta):
         elif tail == "bucket":
             raise ValueError("teacher_temperature != temperature is not defined with "
                              "tail='bucket': the mass outside the top-k at another temperature "
-                             "is unknown. Use tail='renormalize' (or 'none'), or store the "
-                             "log-probs at the training temperature")
-    return ref.canonical_kind(kind, beta, 0.0), temperature, teacher_temperature, beta
+                             "is unknown. Use tail='renormalize', or store the log-probs at "
+                             "the training temperature")
+        elif tail == "none":
+            raise ValueError("teacher_temperature != temperature with tail='none': re-tempered "
+                             "log-probs are renormalized over the K entries, which is "
+                             "tail='renormalize'; pass that (tail='none' takes the entries as "
+                             "stored)")
+    return canonical_kind(kind, beta, 0.0), temperature, teacher_temperature, beta
 
 
 def _check_teacher_args(lp, idx, lead_shape, vocab, device, student_name):
@@ -258,30 +265,32 @@ def _check_teacher_args(lp, idx, lead_shape, vocab, device, student_name):
     return lp, idx
 
 
+def _live_teacher(lp, idx, kept):
+    """The reference computes every row: a dropped row's teacher entries (anything at all)
+    become one padding entry at index 0."""
+    if kept is None:
+        return lp, idx
+    return (torch.where(kept[:, None], lp, float("-inf")),
+            torch.where(kept[:, None], idx, torch.zeros_like(idx)))
+
+
+def _reference_topk(z, k, temperature, dtype):
+    """The reference extractor, with the kernels' error for rows that have no distribution."""
+    values, indices = ref.topk_logprobs(z, k, temperature=temperature)
+    bad = ~torch.isfinite(torch.logsumexp(z.double(), -1))
+    if bool(bad.any()):
+        raise ValueError(f"logits row {int(bad.nonzero()[0, 0])} has no distribution (it holds "
+                         f"NaN or +inf, or is all −inf): its top-k log-probabilities are "
+                         f"undefined")
+    return values.to(dtype), indices
+
+
 def _check_k(k, vocab):
     k = P.check_int("k", k)
     if not 1 <= k <= min(vocab, ops.MAX_K):
         raise ValueError(f"k must be in [1, {min(vocab, ops.MAX_K)}] (at most V = {vocab} and "
                          f"{ops.MAX_K}), got {k}")
     return k
-
-
-def _check_vocab(vocab_size, rows):
-    if vocab_size is None:
-        return rows
-    vocab = P.check_int("vocab_size", vocab_size)
-    if not 1 <= vocab <= rows:
-        raise ValueError(f"vocab_size must be in [1, {rows}] (the weight's rows), got {vocab}")
-    return vocab
-
-
-def _check_chunk(chunk_size):
-    if chunk_size is None:
-        return 0
-    chunk = P.check_int("chunk_size", chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk}")
-    return chunk
 
 
 def _check_logprob_dtype(dtype):

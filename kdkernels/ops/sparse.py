@@ -40,8 +40,8 @@ from .._plumbing import grad_dtype
 from ..reference import sparse as ref
 from ._hand_over import keep_for_hand_over, scale, take_handed_over
 from ._register import register_fake_and_autograd
-from .fused_linear import (backward_outputs, default_chunk, fake_backward_outputs,
-                           fake_forward_outputs, forward_outputs, register_autograd, run)
+from .fused_linear import (backward_outputs, fake_backward_outputs, fake_forward_outputs,
+                           forward_outputs, register_autograd, run)
 
 TAILS = ref.TAILS
 KINDS = ref.KINDS
@@ -91,6 +91,16 @@ def gradient_(backend, x, state, coef, lse):
         return x
     # x = e^(x₀ − max), state = Σ x: coef·e^(x₀ − lse) = x·coef/Σ
     return x.mul_(torch.where(state > 0, coef / state.double(), 0.0).float()[:, None])
+
+
+def tempered_(x, temperature):
+    """In place, x ← (x − max)/T per row (T ≠ 1): the maximum subtracted in the logits' own
+    units before dividing, as every family does (x/T − max(x/T) would lose |x|/T·2^-24 at a
+    tiny T). Log-probabilities and gradients are shift-invariant, so nothing else changes."""
+    if temperature != 1.0:
+        top = x.amax(1, keepdim=True)
+        x.sub_(torch.where(torch.isfinite(top), top, 0.0)).div_(temperature)
+    return x
 
 
 # ------------------------------------------------------------------------- the K-entry math
@@ -155,8 +165,7 @@ class SparseStep:
     def __call__(self, zs, rows, w, loss_out, g, bufs):
         lp, idx = self.lp[rows].double(), self.idx[rows]
         x = zs if g is None or g is zs else g.copy_(zs)
-        if self.temperature != 1.0:
-            x.div_(self.temperature)
+        tempered_(x, self.temperature)
         zi = x.gather(1, idx).double()
         real = lp > float("-inf")
         # −inf at the real entries; a padding entry (+inf here) leaves its column as it was,
@@ -165,7 +174,7 @@ class SparseStep:
         lse_c, state = normalize_(self.backend, x)
         loss, on, coef = entry_math(zi, lse_c, lp, **self.math)
         w = w.double()
-        live = w != 0  # a row kept for the cross-entropy only: its divergence is not 0·inf
+        live = w != 0  # (the loop keeps rows with a cross-entropy weight too: 0·inf is not 0)
         loss_out.copy_(torch.where(live, loss * w, 0.0))
         if g is None:
             return
@@ -186,8 +195,7 @@ class TopKStep:
         return self
 
     def __call__(self, zs, rows, w, loss_out, g, bufs):
-        if self.temperature != 1.0:
-            zs.div_(self.temperature)
+        tempered_(zs, self.temperature)
         vals, ids = topk_lower_index(zs, self.k)  # (a NaN row: ranked first, caught below)
         lse, _ = normalize_(self.backend, zs)  # (zs is not needed after this)
         bad = ~torch.isfinite(lse)
@@ -212,12 +220,12 @@ def topk_lower_index(x, k):
     else:  # the whole row: no boundary
         vals, ids = torch.topk(x, k, dim=1)
         ambiguous = ids.new_empty(0)
-    kth = vals[:, -1:]
-    for r in ambiguous.tolist():
-        row, t = x[r], kth[r, 0]
-        above = (row > t).nonzero().squeeze(1)
-        ids[r] = torch.cat([above, (row == t).nonzero().squeeze(1)[:k - above.numel()]])
-        vals[r] = row[ids[r]]
+    if ambiguous.numel():  # those rows: every value above the k-th, then the lowest-index ties
+        xa, kth = x[ambiguous], vals[ambiguous, -1:]
+        above, tie = xa > kth, xa == kth
+        take = above | (tie & (tie.cumsum(1) <= k - above.sum(1, keepdim=True)))
+        ids[ambiguous] = take.nonzero()[:, 1].reshape(-1, k)  # k per row, in index order
+        vals[ambiguous] = xa.gather(1, ids[ambiguous])
     ids, order = ids.sort(1)  # by index, then stably by value: ties in index order
     vals, order = vals.gather(1, order).sort(dim=1, descending=True, stable=True)
     return vals, ids.gather(1, order)
@@ -262,14 +270,19 @@ def logits_loop(logits, step, row_weight, *, chunk, grad, out_dtype=None):
 
 
 # ------------------------------------------------------------------------ teacher checks
-def check_teacher(lp, idx, vocab):
-    """The value checks of a teacher's (N, K) log-probabilities and indices (ValueError),
-    inside the ops so that compiled calls get them too."""
+def check_teacher(lp, idx, vocab, row_weight, vocab_name="V"):
+    """The value checks of a teacher's (N, K) log-probabilities and indices at the kept rows
+    (row_weight != 0; a dropped row's entries may hold anything) (ValueError), inside the ops
+    so that compiled calls get them too."""
+    kept = row_weight != 0
+    if not bool(kept.all()):
+        lp, idx = lp[kept], idx[kept]
     if lp.numel() == 0:
         return
     lo, hi = (int(v) for v in torch.aminmax(idx))
     if lo < 0 or hi >= vocab:
-        raise ValueError(f"teacher_indices must be in [0, V={vocab}), got values in [{lo}, {hi}]")
+        raise ValueError(f"teacher_indices must be in [0, {vocab_name}={vocab}), got values in "
+                         f"[{lo}, {hi}]")
     if bool(torch.isnan(lp).any()):
         raise ValueError("teacher_logprobs hold NaN (padding entries are −inf)")
     top = float(lp.max())
@@ -307,7 +320,7 @@ def sparse_divergence_fwd(student: Tensor, lp: Tensor, idx: Tensor, row_weight: 
     """loss (() if reduce else (N,)) and, when asked, the gradient (N, V) of the weighted
     losses for student logits (N, V), in grad_dtype(student) (fp32 for 16-bit logits with
     per-row upstream gradients, reduce=False: rounded once, after backward's scaling)."""
-    check_teacher(lp, idx, student.shape[1])
+    check_teacher(lp, idx, student.shape[1], row_weight)
     step = SparseStep(lp, idx, kind=kind, beta=beta, tail=tail, temperature=temperature,
                       teacher_temperature=teacher_temperature, backend=backend)
     with torch.autocast(device_type=student.device.type, enabled=False):
@@ -360,7 +373,7 @@ def fused_linear_sparse_divergence_fwd(
         grad_hidden: bool, grad_weight: bool, grad_bias: bool, entropy: bool,
         weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The outputs of fused_linear_divergence_fwd (ops/fused_linear.py), for a top-k teacher."""
-    check_teacher(lp, idx, vocab)
+    check_teacher(lp, idx, vocab, row_weight, "vocab_size")
     step = _fused_step(lp, idx, kind, beta, tail, temperature, teacher_temperature, backend)
     return forward_outputs(
         hs, ws, bs, step, row_weight, ce_weight, labels, reduce=reduce, vocab=vocab,

@@ -12,8 +12,8 @@ Per row, with z the student's logits (V,), T the temperature, and the teacher's 
                                                      a_k = ℓ_k when it is None (or equals T)
 and the tails, each a distribution pair (p_e, q_e) over entries e:
     renormalize  e ∈ I: log p_k = a_k − logsumexp_I(a),   log q_k as gathered (not renormalized)
-    none         e ∈ I: log p_k = ℓ_k as given (re-tempered: a_k − logsumexp_I(a), the same
-                 renormalization DistillKit applies), log q_k as gathered
+    none         e ∈ I: log p_k = ℓ_k as given, log q_k as gathered (re-tempered entries
+                 are renormalized, which is "renormalize": the API rejects re-tempering here)
     bucket       e ∈ I ∪ {tail}: log p_k = ℓ_k, log p_tail = log(1 − Σ_I e^ℓ),
                  log q_k as gathered, log q_tail = logsumexp_{v ∉ I}(log q_v): the mass outside
                  I, summed directly (never 1 − Σ q, which is 0 in floating point when the
