@@ -6,13 +6,15 @@ hidden states and the lm_head weights, chunk by chunk of rows, never holding the
 
 Both are opaque Python ops (one node under torch.compile) running `run` below, the chunk loop,
 on a kernel backend ('cpu', 'cuda' or 'triton'; the reference materializes instead:
-kdkernels/reference/fused_linear.py). For each chunk of rows, with K = the kept rows:
+kdkernels/reference/fused_linear.py). The loop runs a row step on each chunk of the student's
+logits (DivergenceStep here; the sparse-teacher ops bring theirs, ops/sparse.py). For each
+chunk of the kept rows:
 
     zs = s_scale·(hs·Wsᵀ + bs)          (chunk, V) float32, never rounded to 16 bits
     zt = t_scale·(ht·Wtᵀ + bt)          likewise; then the softcaps c = cap·tanh(z/cap)
-    the divergence rows (ops/divergence.py rows_into) write dL/dzs into the chunk buffer, in
-        place of zs when nothing else needs zs (no cross-entropy gradient, no student softcap);
-        else into a second buffer
+    the step, here the divergence rows (ops/divergence.py rows_into), writes dL/dzs into the
+        chunk buffer, in place of zs when nothing else needs zs (no cross-entropy gradient,
+        no student softcap); else into a second buffer
     G = soft·G_div + hard·ce_w·(softmax(zs) − onehot(label)),  × (1 − (zs/cap)²),  × s_scale
     dh[chunk] = G·Ws,   dWs += Gᵀ·hs,   dbs += Σ_rows G
 
