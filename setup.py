@@ -1,4 +1,5 @@
-"""Build: pip install --no-build-isolation .   (MAX_JOBS bounds parallel compile jobs)
+"""Build: pip install --no-build-isolation .   (-e . for a development install; MAX_JOBS bounds
+parallel compile jobs). Metadata: pyproject.toml; this file builds the extension.
 
 Builds kdkernels._C: the C++ CPU kernels (csrc/cpu), and the CUDA kernels (csrc/cuda) when
 torch has CUDA and nvcc is found, or when KDKERNELS_FORCE_CUDA=1 (GPU-less build machines;
@@ -10,12 +11,16 @@ import os
 import re
 import shutil
 
-import torch
+from setuptools import setup
+
+try:
+    import torch
+except ImportError as e:  # an isolated build environment (pip without --no-build-isolation)
+    raise SystemExit("kdkernels builds its extension against the torch you have installed: "
+                     "install torch first, then pip install --no-build-isolation .") from e
 import torch.utils.cpp_extension as cpp_ext
-from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi",
              "-Wno-maybe-uninitialized"]
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without the flag it
@@ -86,16 +91,4 @@ def extension():
     return CppExtension("kdkernels._C", sources, **kwargs)
 
 
-setup(
-    name="kdkernels",
-    version="0.1.0",
-    description="Fused knowledge-distillation loss kernels for PyTorch (Triton, C++ CPU, CUDA)",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["kdkernels", "kdkernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "numpy"]},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
-)
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
