@@ -315,3 +315,21 @@ def check_chunk_size(chunk_size):
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk}")
     return chunk
+
+
+def check_fused_options(*, t2_scale, return_components, weight_grad_fp32, reduction,
+                        hard_label_weight, soft_label_weight, student_logit_scale,
+                        student_softcap, labels):
+    """The student-side options every fused-linear op takes, checked: (hard, soft, scale, cap)
+    as Python floats (cap None: no softcap)."""
+    for name, flag in (("t2_scale", t2_scale), ("return_components", return_components),
+                       ("weight_grad_fp32", weight_grad_fp32)):
+        check_bool(name, flag)
+    check_choice("reduction", reduction, REDUCTIONS)
+    hard = check_real("hard_label_weight", hard_label_weight, low=0.0)
+    soft = check_real("soft_label_weight", soft_label_weight, low=0.0)
+    scale = check_real("student_logit_scale", student_logit_scale, low=0.0, low_open=True)
+    cap = check_softcap("student_softcap", student_softcap)
+    if hard > 0 and labels is None:
+        raise ValueError("hard_label_weight > 0 needs labels (the cross-entropy's targets)")
+    return hard, soft, scale, cap

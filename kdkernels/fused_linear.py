@@ -64,21 +64,16 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
                          f"{hs.device} and {ht.device}")
     temperature, beta, skew, taid_t = check_divergence_options(kind, temperature, beta, skew,
                                                                taid_t)
-    for name, flag in (("t2_scale", t2_scale), ("return_components", return_components),
-                       ("weight_grad_fp32", weight_grad_fp32)):
-        P.check_bool(name, flag)
-    P.check_choice("reduction", reduction, P.REDUCTIONS)
-    hard = P.check_real("hard_label_weight", hard_label_weight, low=0.0)
-    soft = P.check_real("soft_label_weight", soft_label_weight, low=0.0)
-    s_scale = P.check_real("student_logit_scale", student_logit_scale, low=0.0, low_open=True)
+    hard, soft, s_scale, s_cap = P.check_fused_options(
+        t2_scale=t2_scale, return_components=return_components,
+        weight_grad_fp32=weight_grad_fp32, reduction=reduction,
+        hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight,
+        student_logit_scale=student_logit_scale, student_softcap=student_softcap, labels=labels)
     t_scale = P.check_real("teacher_logit_scale", teacher_logit_scale, low=0.0, low_open=True)
-    s_cap = P.check_softcap("student_softcap", student_softcap)
     t_cap = P.check_softcap("teacher_softcap", teacher_softcap)
     vocab = P.check_vocab_size(vocab_size, min(ws.shape[0], wt.shape[0]),
                                f"the smaller vocabulary: student {ws.shape[0]}, teacher "
                                f"{wt.shape[0]}")
-    if hard > 0 and labels is None:
-        raise ValueError("hard_label_weight > 0 needs labels (the cross-entropy's targets)")
 
     lead_shape = hs.shape[:-1]
     n = hs.numel() // hs.shape[-1]

@@ -23,6 +23,21 @@ def _validate_now(fn, *example, has_cuda=True, **options):
     fn(*example, **{**options, "backend": "reference"})
 
 
+def _fused_options(fn, per_call, options, example):
+    """The options of a fused-linear module, checked now: none of the per-call arguments, and
+    one call of fn on a tiny example (weights of 3 rows: vocab_size is checked against the real
+    weights per call, here only for being an int >= 1)."""
+    for name in per_call:
+        if name in options:
+            raise TypeError(f"{name} is given per call, to forward(), not to the module")
+    labels = torch.zeros(1, dtype=torch.long) if options.get("hard_label_weight") else None
+    vocab = options.get("vocab_size")
+    if vocab is not None and P.check_int("vocab_size", vocab) < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab}")
+    _validate_now(fn, *example, labels=labels, **{**options, "vocab_size": None})
+    return options
+
+
 class DivergenceLoss(torch.nn.Module):
     """Module form of kdkernels.divergence; keyword arguments are the same.
 
@@ -80,18 +95,9 @@ class FusedLinearDivergenceLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        for per_call in self.PER_CALL:
-            if per_call in options:
-                raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
-        self.options = options
-        example = (torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, 2), torch.zeros(3, 2))
-        labels = torch.zeros(1, dtype=torch.long) if options.get("hard_label_weight") else None
-        vocab = options.get("vocab_size")
-        if vocab is not None and P.check_int("vocab_size", vocab) < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab}")
-        # (vocab_size is checked against the weights per call; the example's V is 3)
-        _validate_now(fused_linear_divergence, *example, labels=labels,
-                      **{**options, "vocab_size": None})
+        self.options = _fused_options(
+            fused_linear_divergence, self.PER_CALL, options,
+            (torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, 2), torch.zeros(3, 2)))
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
                 labels=None, mask=None, num_items=None, student_bias=None, teacher_bias=None,
@@ -139,18 +145,10 @@ class FusedLinearSparseDivergenceLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        for per_call in self.PER_CALL:
-            if per_call in options:
-                raise TypeError(f"{per_call} is given per call, to forward(), not to the module")
-        self.options = options
-        labels = torch.zeros(1, dtype=torch.long) if options.get("hard_label_weight") else None
-        vocab = options.get("vocab_size")
-        if vocab is not None and P.check_int("vocab_size", vocab) < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab}")
-        # (vocab_size is checked against the weight per call; the example's V is 3)
-        _validate_now(fused_linear_sparse_divergence, torch.zeros(1, 2), torch.zeros(3, 2),
-                      torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), labels=labels,
-                      **{**options, "vocab_size": None})
+        self.options = _fused_options(
+            fused_linear_sparse_divergence, self.PER_CALL, options,
+            (torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, 1),
+             torch.zeros(1, 1, dtype=torch.long)))
 
     def forward(self, student_hidden, student_weight, teacher_logprobs, teacher_indices,
                 labels=None, mask=None, num_items=None, student_bias=None):

@@ -111,16 +111,11 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
                                   hs.device, "student_hidden")
     kind, temperature, teacher_temperature, beta = _check_options(
         kind, tail, temperature, teacher_temperature, beta)
-    for name, flag in (("t2_scale", t2_scale), ("return_components", return_components),
-                       ("weight_grad_fp32", weight_grad_fp32)):
-        P.check_bool(name, flag)
-    P.check_choice("reduction", reduction, P.REDUCTIONS)
-    hard = P.check_real("hard_label_weight", hard_label_weight, low=0.0)
-    soft = P.check_real("soft_label_weight", soft_label_weight, low=0.0)
-    s_scale = P.check_real("student_logit_scale", student_logit_scale, low=0.0, low_open=True)
-    s_cap = P.check_softcap("student_softcap", student_softcap)
-    if hard > 0 and labels is None:
-        raise ValueError("hard_label_weight > 0 needs labels (the cross-entropy's targets)")
+    hard, soft, s_scale, s_cap = P.check_fused_options(
+        t2_scale=t2_scale, return_components=return_components,
+        weight_grad_fp32=weight_grad_fp32, reduction=reduction,
+        hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight,
+        student_logit_scale=student_logit_scale, student_softcap=student_softcap, labels=labels)
     chunk = P.check_chunk_size(chunk_size)
 
     n, device = hs.numel() // hs.shape[-1], hs.device
