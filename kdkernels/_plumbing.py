@@ -333,3 +333,15 @@ def check_fused_options(*, t2_scale, return_components, weight_grad_fp32, reduct
     if hard > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels (the cross-entropy's targets)")
     return hard, soft, scale, cap
+
+
+def fused_rows(n_rows, kept, labels, *, t2, cross_entropy, reduction, num_items, device, dtype):
+    """(row_weight, labels, ce_weight) of a fused-linear op: the divergence's row weights (T²
+    when t2 is that factor), and the cross-entropy's labels and weights when cross_entropy
+    (cross_entropy_rows; else None and zeros)."""
+    row_weight = row_weights(n_rows, kept, scale=t2, reduction=reduction, num_items=num_items,
+                             device=device, dtype=dtype)
+    flat, ce_weight = cross_entropy_rows(n_rows, kept, labels if cross_entropy else None,
+                                         reduction=reduction, num_items=num_items,
+                                         device=device, dtype=dtype)
+    return row_weight, flat, ce_weight

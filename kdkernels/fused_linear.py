@@ -83,12 +83,10 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     backend = _backend.resolve_backend(backend, device, (hs.dtype, ht.dtype))
     fp64 = backend == "reference" and torch.float64 in (hs.dtype, ht.dtype)
     wdtype = torch.float64 if fp64 else torch.float32
-    row_weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
-                               reduction=reduction, num_items=num_items, device=device,
-                               dtype=wdtype)
-    flat_labels, ce_weight = P.cross_entropy_rows(
-        n, kept, labels if hard > 0 or return_components else None, reduction=reduction,
-        num_items=num_items, device=device, dtype=wdtype)
+    row_weight, flat_labels, ce_weight = P.fused_rows(
+        n, kept, labels, t2=temperature ** 2 if t2_scale else 1.0,
+        cross_entropy=hard > 0 or return_components, reduction=reduction, num_items=num_items,
+        device=device, dtype=wdtype)
     hs2, ht2 = hs.reshape(n, hs.shape[-1]), ht.reshape(n, ht.shape[-1])
 
     if backend == "reference":

@@ -123,12 +123,10 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
     backend = _backend.resolve_backend(backend, device, (hs.dtype,), family=None)
     wdtype = torch.float64 if backend == "reference" and hs.dtype == torch.float64 \
         else torch.float32
-    row_weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
-                               reduction=reduction, num_items=num_items, device=device,
-                               dtype=wdtype)
-    flat_labels, ce_weight = P.cross_entropy_rows(
-        n, kept, labels if hard > 0 or return_components else None, reduction=reduction,
-        num_items=num_items, device=device, dtype=wdtype)
+    row_weight, flat_labels, ce_weight = P.fused_rows(
+        n, kept, labels, t2=temperature ** 2 if t2_scale else 1.0,
+        cross_entropy=hard > 0 or return_components, reduction=reduction, num_items=num_items,
+        device=device, dtype=wdtype)
     hs2 = hs.reshape(n, hs.shape[-1])
     lp, idx = lp.reshape(n, lp.shape[-1]), idx.reshape(n, idx.shape[-1])
 
