@@ -166,3 +166,10 @@ def test_use_kdkernels_switches():
     assert distillation_trainer._chunked_divergence_loss is original
     with pytest.raises(TypeError, match="use_kdkernels takes"):
         drop_in.use_kdkernels(object())
+
+
+def test_readme_trainer_example():
+    from helpers import run_readme_examples  # noqa: PLC0415
+
+    pytest.importorskip("liger_kernel")
+    run_readme_examples("trainer-example", 1)
