@@ -17,8 +17,7 @@ time and peak memory, side by side in one run:
   fused-linear topk  fwd (no grad):
       kdkernels-<b>              kdkernels.fused_linear_topk_logprobs(h, W, k)
       eager                      torch.topk(torch.log_softmax(h @ W.T, -1), k)
-<b> is cpu on CPU, auto on a GPU. Our rows skip, with the reason, while the API is missing from
-the kdkernels being imported; the peers always run.
+<b> is cpu on CPU, auto on a GPU. On a GPU a row that runs out of memory skips, saying so.
 
 Memory: "peak extra" is the process's peak during one call above what was resident before it
 (inputs, parameters and teacher entries; the gradients are freed before each call, so they are
@@ -66,29 +65,24 @@ def sync():
         torch.cuda.synchronize()
 
 
-def _missing(name):
-    return None if hasattr(kdkernels, name) else \
-        f"kdkernels.{name} not in the imported kdkernels ({kdkernels.__file__}): API not there yet"
-
-
 # -- implementations: fn(*inputs) -> loss (fwd+bwd groups) or anything (fwd groups) -----------
 
 def sparse_impl(impl):
-    """fn(z, lp, idx) -> loss, the tail it matches, and a skip reason (None: runs)."""
+    """fn(z, lp, idx) -> loss, and the tail it matches."""
     if impl.startswith("kdkernels-"):
         tail = {"renorm": "renormalize", "bucket": "bucket"}[impl.rsplit("-", 1)[1]]
         return (lambda z, lp, idx: kdkernels.sparse_divergence(
             z, lp, idx, kind="fkl", tail=tail, temperature=TEMPERATURE, t2_scale=False,
-            backend=BACKEND)), tail, _missing("sparse_divergence")
+            backend=BACKEND)), tail
     if impl == "distillkit":
         return (lambda z, lp, idx: distillkit_sparse_kl(z, lp, idx, TEMPERATURE, t2_scale=False)), \
-            "renormalize", None
+            "renormalize"
     if impl == "distillkit-compile":
         fn = _compiled.setdefault("distillkit", torch.compile(distillkit_sparse_kl))
-        return (lambda z, lp, idx: fn(z, lp, idx, TEMPERATURE, t2_scale=False)), "renormalize", None
+        return (lambda z, lp, idx: fn(z, lp, idx, TEMPERATURE, t2_scale=False)), "renormalize"
     if impl == "trl-topk":
         return (lambda z, lp, idx: trl_server_topk_kl(z, lp, idx, temperature=TEMPERATURE,
-                                                      add_tail=True)), "bucket", None
+                                                      add_tail=True)), "bucket"
     raise ValueError(impl)
 
 
@@ -104,28 +98,25 @@ def fused_impl(impl):
     if impl == OURS:
         return (lambda h, w, lp, idx: kdkernels.fused_linear_sparse_divergence(
             h, w, lp, idx, kind="fkl", tail="renormalize", temperature=TEMPERATURE,
-            t2_scale=False, backend=BACKEND)), _missing("fused_linear_sparse_divergence")
+            t2_scale=False, backend=BACKEND))
     if impl == "bare-matmuls":
-        return (lambda h, w, lp, idx: _bare(h, w)), None
+        return lambda h, w, lp, idx: _bare(h, w)
     if impl == "distillkit":
-        return (lambda h, w, lp, idx: distillkit_sparse_kl(h @ w.t(), lp, idx, TEMPERATURE,
-                                                           t2_scale=False)), None
+        return lambda h, w, lp, idx: distillkit_sparse_kl(h @ w.t(), lp, idx, TEMPERATURE,
+                                                          t2_scale=False)
     raise ValueError(impl)
 
 
 def topk_impl(impl, k):
     if impl == OURS:
-        return (lambda z: kdkernels.topk_logprobs(z, k, temperature=TEMPERATURE)), \
-            _missing("topk_logprobs")
-    return (lambda z: torch.topk(torch.log_softmax(z.float() / TEMPERATURE, -1), k, -1)), None
+        return lambda z: kdkernels.topk_logprobs(z, k, temperature=TEMPERATURE)
+    return lambda z: torch.topk(torch.log_softmax(z.float() / TEMPERATURE, -1), k, -1)
 
 
 def fused_topk_impl(impl, k):
     if impl == OURS:
-        return (lambda h, w: kdkernels.fused_linear_topk_logprobs(h, w, k, temperature=TEMPERATURE)), \
-            _missing("fused_linear_topk_logprobs")
-    return (lambda h, w: torch.topk(torch.log_softmax((h @ w.t()).float() / TEMPERATURE, -1),
-                                    k, -1)), None
+        return lambda h, w: kdkernels.fused_linear_topk_logprobs(h, w, k, temperature=TEMPERATURE)
+    return lambda h, w: torch.topk(torch.log_softmax((h @ w.t()).float() / TEMPERATURE, -1), k, -1)
 
 
 # -- inputs, one shape resident at a time ------------------------------------------------------
@@ -200,9 +191,7 @@ P_SPARSE = [(d, n, v, k, i) for (d, n, v, k) in CASES for i in SPARSE_IMPLS] \
 @pytest.mark.parametrize("dtype,n,v,k,impl", P_SPARSE,
                          ids=[f"{_dt(d)}-{n}x{v}x{k}-{i}" for d, n, v, k, i in P_SPARSE])
 def test_sparse(benchmark, record, dtype, n, v, k, impl):
-    fn, tail, why = sparse_impl(impl)
-    if why:
-        pytest.skip(why)
+    fn, tail = sparse_impl(impl)
     z0, _h, _w, lp, idx = inputs(dtype, n, v, k)
     z = z0.detach().requires_grad_()
     value = []
@@ -230,9 +219,7 @@ P_FUSED = [(d, n, v, k, i) for (d, n, v, k) in CASES for i in FUSED_IMPLS] \
 @pytest.mark.parametrize("dtype,n,v,k,impl", P_FUSED,
                          ids=[f"{_dt(d)}-{n}x{HIDDEN}x{v}x{k}-{i}" for d, n, v, k, i in P_FUSED])
 def test_fused_linear_sparse(benchmark, record, dtype, n, v, k, impl):
-    fn, why = fused_impl(impl)
-    if why:
-        pytest.skip(why)
+    fn = fused_impl(impl)
     _z, h0, w0, lp, idx = inputs(dtype, n, v, k)
     h = h0.detach().requires_grad_()
     w = w0.detach().requires_grad_()
@@ -266,9 +253,7 @@ P_FTOPK = [(d, n, v, k, i) for (d, n, v, k) in CASES for i in TOPK_IMPLS] \
 @pytest.mark.parametrize("dtype,n,v,k,impl", P_TOPK,
                          ids=[f"{_dt(d)}-{n}x{v}x{k}-{i}" for d, n, v, k, i in P_TOPK])
 def test_topk_logprobs(benchmark, record, dtype, n, v, k, impl):
-    fn, why = topk_impl(impl, k)
-    if why:
-        pytest.skip(why)
+    fn = topk_impl(impl, k)
     z, _h, _w, _lp, _idx = inputs(dtype, n, v, k)
 
     def run():
@@ -283,9 +268,7 @@ def test_topk_logprobs(benchmark, record, dtype, n, v, k, impl):
 @pytest.mark.parametrize("dtype,n,v,k,impl", P_FTOPK,
                          ids=[f"{_dt(d)}-{n}x{HIDDEN}x{v}x{k}-{i}" for d, n, v, k, i in P_FTOPK])
 def test_fused_linear_topk_logprobs(benchmark, record, dtype, n, v, k, impl):
-    fn, why = fused_topk_impl(impl, k)
-    if why:
-        pytest.skip(why)
+    fn = fused_topk_impl(impl, k)
     _z, h, w, _lp, _idx = inputs(dtype, n, v, k)
 
     def run():
