@@ -61,13 +61,16 @@ def assert_matches(actual, ref64, ref32, out_dtype, what, factor=8.0, rounding_u
                            f"{float(fp32_err):.3e}; scale {float(scale):.3e}")
 
 
-def run_readme_examples(marker, expected):
-    """Runs the README's python blocks between <!-- marker --> and <!-- /marker -->."""
+def run_readme_examples(marker, expected, shared=False):
+    """Runs the README's python blocks between <!-- marker --> and <!-- /marker -->, each in
+    its own namespace, or in order in one (shared=True: later blocks use the first's setup)."""
     readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
     if not os.path.exists(readme):
         pytest.skip("needs the source checkout")
     text = open(readme, encoding="utf-8").read()
     blocks = re.findall(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
     assert len(blocks) == expected, f"README should hold {expected} {marker} blocks"
+    namespace = {}
     for i, code in enumerate(blocks):
-        exec(compile(code, f"README.md ({marker} {i + 1})", "exec"), {})  # noqa: S102
+        exec(compile(code, f"README.md ({marker} {i + 1})", "exec"),  # noqa: S102
+             namespace if shared else {})
