@@ -10,6 +10,8 @@ import glob
 import os
 import re
 import shutil
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -91,4 +93,18 @@ def extension():
     return CppExtension("kdkernels._C", sources, **kwargs)
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+class BuildExt(BuildExtension):
+    """BuildExtension whose object files live in the source tree's build/ even for an editable
+    install (setuptools gives that one a throwaway temporary folder): the editable and the
+    regular install then share ninja's objects, and the second compiles only what changed.
+    An explicit --build-temp is kept."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not os.path.abspath(self.build_temp).startswith(here + os.sep):
+            plat = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(here, "build", f"temp.{plat}")
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExt})
