@@ -2,7 +2,8 @@
 on-policy steps on CPU (the student generates its completions) with tiny random Gemma 2
 (final-logit softcapping) and Cohere (logit scale) models, which TRL reads from the configs,
 and a tokenizer built in code. At every step, TRL's own _chunked_divergence_loss runs on the
-very arguments the trainer passed: the loss, entropy, count and gradients must agree."""
+very arguments the trainer passed: the loss, entropy, count and gradients must agree. The same
+for GKDTrainer (its generalized_jsd_loss on the same logits)."""
 import os
 import tempfile
 
@@ -70,4 +71,50 @@ def test_distillation_trainer_with_kdkernels(arch, beta):
             torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(),
                                        rtol=2e-5, atol=2e-7, msg=lambda m: f"{what}: {m}")
         assert int(ours[2]) > 0  # completions were generated and trained on
+    assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {{ eos_token }} "
+                 "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def test_gkd_trainer_with_kdkernels():
+    """TRL's GKDTrainer (on-policy with probability lmbda, else the dataset's completions) with
+    use_kdkernels: at every step TRL's own generalized_jsd_loss on the same logits agrees."""
+    from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: PLC0415
+
+    tok = tiny_hf.tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    student, teacher = tiny_hf.pair("cohere")
+    words = tiny_hf.sentences(16, seed=5)
+    data = datasets.Dataset.from_dict({"messages": [
+        [{"role": "user", "content": words[2 * i]},
+         {"role": "assistant", "content": words[2 * i + 1]}] for i in range(8)]})
+    args = GKDConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=3, per_device_train_batch_size=2, lmbda=0.5,
+        beta=0.3, max_new_tokens=4, learning_rate=1e-3, report_to=[], use_cpu=True, bf16=False,
+        save_strategy="no", logging_steps=1, disable_tqdm=True, seed=1)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                         processing_class=tok)
+    trl_fn = type(trainer).generalized_jsd_loss
+    assert kd_trl.use_kdkernels(trainer) is trainer
+    ours_fn = trainer.generalized_jsd_loss
+    assert ours_fn is kd_trl.generalized_jsd_loss
+    seen = []
+
+    def spy(student_logits, teacher_logits, **kw):
+        pairs = []
+        for fn in (ours_fn, trl_fn):
+            s = student_logits.detach().clone().requires_grad_(True)
+            loss = fn(s, teacher_logits.detach(), **kw)
+            pairs.append((loss.detach(), torch.autograd.grad(loss, s)[0]))
+        seen.append(pairs)
+        return ours_fn(student_logits, teacher_logits, **kw)
+
+    trainer.generalized_jsd_loss = spy
+    result = trainer.train()
+    assert len(seen) == 3
+    for (ours, g_ours), (trl, g_trl) in seen:
+        torch.testing.assert_close(ours.double(), trl.double(), rtol=2e-5, atol=2e-7)
+        torch.testing.assert_close(g_ours.double(), g_trl.double(), rtol=2e-5, atol=1e-8)
     assert torch.isfinite(torch.tensor(result.training_loss))
