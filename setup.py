@@ -101,6 +101,12 @@ class BuildExt(BuildExtension):
 
     def finalize_options(self):
         super().finalize_options()
+        # In a virtual environment setuptools adds its include folder, which changes every
+        # compile command and so defeats the sharing: dropped while it holds no file.
+        venv_include = os.path.join(sys.exec_prefix, "include")
+        if sys.exec_prefix != sys.base_exec_prefix and not any(
+                files for _, _, files in os.walk(venv_include)):
+            self.include_dirs = [d for d in self.include_dirs if d != venv_include]
         here = os.path.dirname(os.path.abspath(__file__))
         if not os.path.abspath(self.build_temp).startswith(here + os.sep):
             plat = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"

@@ -1,9 +1,10 @@
 """Public API of the logit-divergence family: divergence() and its aliases."""
 import torch
 
-from . import _backend
+from . import _backend, _distributed
 from . import _plumbing as P
 from .ops import divergence as ops
+from .ops import vocab_parallel
 from .reference import divergence as ref
 
 KINDS = ref.KINDS
@@ -11,7 +12,7 @@ KINDS = ref.KINDS
 
 def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, beta=0.5,
                skew=0.1, taid_t=None, t2_scale=True, labels=None, ignore_index=-100, mask=None,
-               reduction="mean", num_items=None, backend="auto"):
+               reduction="mean", num_items=None, backend="auto", process_group=None):
     """Divergence between the student's and the teacher's next-token distributions.
 
     Args:
@@ -32,6 +33,12 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
             shaped like the leading dims, 0 at dropped rows).
         num_items: the mean's denominator (e.g. tokens over all gradient-accumulation steps).
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see README: Backends).
+        process_group: a torch.distributed ProcessGroup for vocabulary-parallel logits: both
+            tensors are this rank's contiguous shard of the vocabulary (shards in rank order,
+            any sizes, the same on both sides); everything else is the same on every rank.
+            The result is the loss of the full rows, on every rank; gradients reach the
+            shards. Only per-row statistics are exchanged (kdkernels/ops/vocab_parallel.py);
+            backend "auto" or "reference" (the PyTorch-ops form; no fused kernel yet).
 
     Returns a float32 loss (float64 for float64 inputs). Gradients flow to whichever of the
     logits requires grad, in its own dtype.
@@ -46,8 +53,19 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
     n_rows = student_logits.numel() // student_logits.shape[-1]
     device = student_logits.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
-    backend = _backend.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
     fp64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
+    if process_group is not None:
+        group = _distributed.check_group(process_group)
+        P.check_choice("backend (with process_group)", backend, ("auto", "reference"))
+        weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,
+                               reduction=reduction, num_items=num_items, device=device,
+                               dtype=torch.float64 if fp64 else torch.float32)
+        loss = vocab_parallel.divergence(
+            P.as_rows(student_logits), P.as_rows(teacher_logits), weight, kept, group=group,
+            kind=kind, temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
+            reduce=reduction != "none")
+        return loss if reduction != "none" else loss.reshape(lead_shape)
+    backend = _backend.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
     weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,
                            reduction=reduction, num_items=num_items, device=device,
                            dtype=torch.float64 if backend == "reference" and fp64 else torch.float32)

@@ -32,7 +32,7 @@ def emulated():
     emu = os.path.join(HERE, "cuda_emulation")
     return load(name="kdk_cuda_emulated", sources=[os.path.join(emu, "emulated_divergence.cpp")],
                 extra_include_paths=[emu, CSRC_CUDA],
-                extra_cflags=["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"],
+                extra_cflags=["-O1", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"],
                 extra_ldflags=["-pthread"])
 
 

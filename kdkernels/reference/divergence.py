@@ -140,11 +140,15 @@ def divergence_rows(student, teacher, *, kind="fkl", temperature=1.0, beta=0.5, 
         t = taid_target(s, t, taid_t)
     lq, q_ok = log_softmax(s, temperature)  # student log-probabilities
     lp, p_ok = log_softmax(t, temperature)  # teacher log-probabilities
-    loss = _rows(lp, lq, canonical_kind(kind, beta, skew), beta, skew)
+    loss = rows_from_log_probs(lp, lq, canonical_kind(kind, beta, skew), beta, skew)
     return nan_rows(loss, ~(p_ok & q_ok), student, teacher)
 
 
-def _rows(lp, lq, kind, beta, skew):
+def rows_from_log_probs(lp, lq, kind, beta, skew):
+    """Σ over the last dim of each kind's per-element terms, from the teacher's and the
+    student's log-probabilities (kind canonical: see canonical_kind). Every kind is such a sum
+    of terms of (lp, lq) alone, so the sum over any partition of the columns (a vocabulary
+    shard, kdkernels/ops/vocab_parallel.py) adds up to the row's divergence."""
     if kind == "fkl":
         return _kl(lp, lq)
     if kind == "rkl":

@@ -1,0 +1,65 @@
+"""Tensor-parallel plumbing shared by every vocabulary-parallel op: the process group, the
+collectives (torch.distributed's own, on the caller's group) with a count of the bytes each
+rank sends, and the KDKERNELS_DEBUG=1 check that the ranks agree.
+
+Layout. Under tensor parallelism the logits (and lm_head rows) are split by vocabulary: rank r
+holds a contiguous shard of the columns, shards in rank order, of any sizes (Megatron's
+ColumnParallelLinear, torch.distributed.tensor.parallel's ColwiseParallel with Shard(-1)).
+Everything that is per row (labels, masks, options, the rows themselves) is the same on every
+rank: that is the caller's duty, checked by all_agree() when KDKERNELS_DEBUG=1.
+
+Bytes. Each collective here adds the bytes of the tensor it reduces to TRAFFIC["bytes"], and
+one to TRAFFIC["calls"]: what this rank hands to the collective per call (a ring all-reduce
+sends about twice that over the wire, whatever the op). The tests check the counts against the
+bounds each op documents."""
+import os
+
+import torch
+
+TRAFFIC = {"bytes": 0, "calls": 0}
+
+
+def check_group(process_group):
+    """The process group of a vocabulary-parallel op: a torch.distributed ProcessGroup (or
+    torch.distributed.group.WORLD), with torch.distributed initialized."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got "
+                        f"{type(process_group).__name__}")
+    return process_group
+
+
+def all_reduce_(tensor, op, group):
+    """In-place all-reduce of `tensor` over `group` ("max" or "sum"), counted in TRAFFIC."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    TRAFFIC["bytes"] += tensor.numel() * tensor.element_size()
+    TRAFFIC["calls"] += 1
+    dist.all_reduce(tensor, op={"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op],
+                    group=group)
+    return tensor
+
+
+def debug():
+    return os.environ.get("KDKERNELS_DEBUG") == "1"
+
+
+def all_agree(group, what, values, device):
+    """With KDKERNELS_DEBUG=1: ValueError unless every rank passed the same `values` (numbers:
+    shapes, options, a checksum of the labels...). Otherwise nothing (no collective)."""
+    if not debug():
+        return
+    import torch.distributed as dist  # noqa: PLC0415
+
+    mine = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    for rank, theirs in enumerate(gathered):
+        if not torch.equal(theirs, mine):
+            raise ValueError(f"ranks disagree on {what}: this rank has {mine.tolist()}, rank "
+                             f"{rank} has {theirs.tolist()} (per-row inputs and options must "
+                             f"be the same on every rank of process_group)")

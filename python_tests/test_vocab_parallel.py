@@ -1,0 +1,180 @@
+"""Vocabulary-parallel divergences over torch.distributed (gloo, CPU): world sizes 2 and 3,
+processes started here. Every rank builds the same full-vocabulary logits (same seed), keeps
+its contiguous shard (uneven sizes: V = 1271 over 3 ranks), and compares the sharded op's
+loss and its shard of the gradients with the single-process op on the full rows (float64
+reference; the tolerance rule of helpers.assert_matches), for every kind, temperatures,
+TAID, masks and labels, every reduction, −inf entries and the NaN rule; and the bytes each
+rank hands to the collectives against the documented bound."""
+import itertools
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kdkernels
+from kdkernels import _distributed
+
+from helpers import assert_matches
+
+V = 1271
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shard_bounds(world, v=V):
+    """Deliberately uneven contiguous shards (the last rank the widest)."""
+    cuts = [0] + [v * (r + 1) // (world + 1) for r in range(world - 1)] + [v]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _logits(seed, n, dtype, extreme=False):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    if extreme:
+        s[0, ::7] = float("-inf")           # a masked vocabulary on both sides...
+        t[0, ::7] = float("-inf")
+        t[1, V // 2:] = float("-inf")       # ... a teacher with no mass on the last shards
+        s[2, :] = s[2, :] * 40              # very peaked rows
+    return s.to(dtype), t.to(dtype)
+
+
+CASES = [dict(kind=k, temperature=T) for k, T in itertools.product(
+    kdkernels.KINDS, (1.0, 0.5, 3.0))]
+OPTIONS = [dict(), dict(beta=0.2), dict(skew=0.3), dict(taid_t=0.4), dict(t2_scale=False)]
+ROW_SETS = ["all", "labels", "mask", "none-kept"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _row_args(which, n, g):
+    if which == "all":
+        return {}
+    if which == "labels":
+        labels = torch.randint(0, 5, (n,), generator=g)
+        labels[::3] = -100
+        return {"labels": labels}
+    if which == "mask":
+        return {"mask": torch.rand(n, generator=g) > 0.4}
+    return {"mask": torch.zeros(n, dtype=torch.bool)}
+
+
+def _check(rank, world, lo, hi, case, dtype, seed, extreme=False):
+    n = 6
+    s_full, t_full = _logits(seed, n, dtype, extreme)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = _row_args(case.pop("rows"), n, g)
+    kwargs = {**case, **rows}
+    # The reference on the full rows: float64 (the truth) and float32 (fp32's own error).
+    refs = {}
+    for ref_dtype in (torch.float64, torch.float32):
+        s = s_full.to(ref_dtype, copy=True).requires_grad_(True)
+        t = t_full.to(ref_dtype, copy=True).requires_grad_(True)
+        loss = kdkernels.divergence(s, t, backend="reference", **kwargs)
+        loss.sum().backward() if loss.dim() else loss.backward()
+        refs[ref_dtype] = (loss.detach(), s.grad[:, lo:hi], t.grad[:, lo:hi])
+    s = s_full[:, lo:hi].clone().requires_grad_(True)
+    t = t_full[:, lo:hi].clone().requires_grad_(True)
+    loss = kdkernels.divergence(s, t, process_group=dist.group.WORLD, **kwargs)
+    loss.sum().backward() if loss.dim() else loss.backward()
+    what = f"rank {rank}/{world} {dtype} {kwargs}"
+    out = torch.float64 if dtype == torch.float64 else torch.float32
+    for got, r64, r32, name in ((loss.detach(), *[r[0] for r in refs.values()], "loss"),
+                                (s.grad, *[r[1] for r in refs.values()], "student grad"),
+                                (t.grad, *[r[2] for r in refs.values()], "teacher grad")):
+        got = got.to(out)
+        odd = ~torch.isfinite(r64)  # NaN (the NaN rule) and +inf (a KL with no support)
+        assert torch.equal(torch.isnan(got), torch.isnan(r64)), f"{what}: {name} NaN pattern"
+        assert torch.equal(got[odd & ~torch.isnan(r64)], r64[odd & ~torch.isnan(r64)].to(out)), \
+            f"{what}: {name} infinities"
+        assert_matches(torch.where(odd, 0.0, got), torch.where(odd, 0.0, r64),
+                       torch.where(odd, 0.0, r32), torch.float32 if out == torch.float64
+                       else (s.grad.dtype if name != "loss" else torch.float32), f"{what}: {name}")
+
+
+def _worker(rank, world, port, modes):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for mode in modes:
+            _run(rank, world, mode)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(rank, world, mode):
+    lo, hi = _shard_bounds(world)[rank]
+    if mode == "matrix":
+        # Every (kind, temperature, option) with 4 of the 12 (rows, reduction) pairs,
+        # rotating, so that each pair meets every kind.
+        pairs = list(itertools.product(ROW_SETS, REDUCTIONS))
+        seed = 0
+        for c, (case, options) in enumerate(itertools.product(CASES, OPTIONS)):
+            if "beta" in options and case["kind"] != "jsd":
+                continue
+            if "skew" in options and not case["kind"].startswith("skew"):
+                continue
+            for rows, reduction in (pairs[(5 * c + i) % len(pairs)] for i in range(4)):
+                seed += 1
+                _check(rank, world, lo, hi, {**case, **options, "rows": rows,
+                                             "reduction": reduction}, torch.float32, seed)
+    elif mode == "edges":
+        for kind in kdkernels.KINDS:
+            _check(rank, world, lo, hi, dict(kind=kind, temperature=2.0, rows="all"),
+                   torch.float64, 7, extreme=True)
+            for dtype in (torch.bfloat16, torch.float16):
+                _check(rank, world, lo, hi, dict(kind=kind, temperature=2.0, rows="labels",
+                                                 reduction="none"), dtype, 8)
+        # The NaN rule across ranks: a NaN on one rank's shard makes the row NaN everywhere.
+        s, t = _logits(9, 4, torch.float32)
+        s[1, V - 1] = float("nan")  # on the last rank's shard
+        t[3, 0] = float("inf")      # on the first rank's
+        out = kdkernels.divergence(s[:, lo:hi].requires_grad_(True), t[:, lo:hi],
+                                   process_group=dist.group.WORLD, reduction="none")
+        assert torch.isnan(out).tolist() == [False, True, False, True], out
+    elif mode == "bytes":
+        s, t = _logits(10, 16, torch.float32)
+        mask = torch.arange(16) % 4 != 0  # 12 kept rows
+        _distributed.TRAFFIC.update(bytes=0, calls=0)
+        loss = kdkernels.divergence(s[:, lo:hi].requires_grad_(True), t[:, lo:hi],
+                                    kind="jsd", mask=mask, process_group=dist.group.WORLD)
+        forward = dict(_distributed.TRAFFIC)
+        loss.backward()
+        # The documented bound: all-reduces of (K, 2) fp32, (K, 3) and (K, 3) float64, K kept rows;
+        # backward none.
+        assert forward == {"bytes": 56 * 12, "calls": 3}, forward
+        assert _distributed.TRAFFIC == forward, "backward communicated"
+    elif mode == "errors":
+        s, t = _logits(11, 2, torch.float32)
+        with pytest.raises(ValueError, match="backend"):
+            kdkernels.divergence(s[:, lo:hi], t[:, lo:hi], backend="cpu",
+                                 process_group=dist.group.WORLD)
+        with pytest.raises(TypeError, match="process_group"):
+            kdkernels.divergence(s[:, lo:hi], t[:, lo:hi], process_group="world")
+        os.environ["KDKERNELS_DEBUG"] = "1"
+        with pytest.raises(ValueError, match="ranks disagree"):
+            kdkernels.divergence(s[:, lo:hi], t[:, lo:hi], process_group=dist.group.WORLD,
+                                 temperature=1.0 + rank)
+        del os.environ["KDKERNELS_DEBUG"]
+
+
+# One group per world size (starting processes costs seconds): "matrix" every kind and
+# option against the full rows, "edges" extreme values, 16-bit inputs and the NaN rule across
+# ranks, "bytes" the bytes per call against the documented bound, "errors" bad input.
+@pytest.mark.parametrize("world,modes", [(2, ("matrix", "edges", "bytes", "errors")),
+                                         (3, ("matrix", "edges"))], ids=["world2", "world3"])
+def test_vocab_parallel_divergence(world, modes):
+    mp.spawn(_worker, args=(world, _free_port(), modes), nprocs=world, join=True)
+
+
+def test_bad_input_without_torch_distributed():
+    with pytest.raises(ValueError, match="not initialized"):
+        kdkernels.divergence(torch.zeros(2, 3), torch.zeros(2, 3),
+                             process_group=object())
