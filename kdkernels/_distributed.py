@@ -63,3 +63,49 @@ def all_agree(group, what, values, device):
             raise ValueError(f"ranks disagree on {what}: this rank has {mine.tolist()}, rank "
                              f"{rank} has {theirs.tolist()} (per-row inputs and options must "
                              f"be the same on every rank of process_group)")
+
+
+def from_dtensors(logits, names, process_group):
+    """DTensor logits, as torch.distributed.tensor.parallel's ColwiseParallel(output_layouts=
+    Shard(-1), use_local_output=False) produces them: (local shards, the mesh's group), or
+    (logits, process_group) unchanged when none is a DTensor. Shard(-1) of the last dim on a
+    1-D mesh is the vocabulary-parallel layout; Replicate() is the full rows (the ordinary
+    path: group None). Both logits must have the same placement; to_local() keeps autograd, so
+    the gradients reach the DTensors as DTensors of the same placement."""
+    is_dt = [_is_dtensor(x) for x in logits]
+    if not any(is_dt):
+        return logits, process_group
+    from torch.distributed.tensor import Replicate, Shard  # noqa: PLC0415
+
+    if not all(is_dt):
+        raise TypeError(f"{' and '.join(names)} must both be DTensors or both plain tensors")
+    mesh, placements = logits[0].device_mesh, logits[0].placements
+    for x, name in zip(logits, names):
+        if x.device_mesh != mesh or x.placements != placements:
+            raise ValueError(f"{' and '.join(names)} must share one device mesh and placement, "
+                             f"got {x.placements} and {placements}")
+    if mesh.ndim != 1:
+        raise ValueError(f"{names[0]}: DTensor logits on a 1-D device mesh are supported, got "
+                         f"a {mesh.ndim}-D mesh")
+    placement = placements[0]
+    if isinstance(placement, Shard) and placement.dim in (-1, logits[0].dim() - 1):
+        if process_group is not None and process_group != mesh.get_group():
+            raise ValueError("process_group differs from the DTensors' device mesh group")
+        return tuple(x.to_local() for x in logits), mesh.get_group()
+    if isinstance(placement, Replicate):
+        return tuple(x.to_local() for x in logits), None
+    raise ValueError(f"{names[0]}: DTensor placement {placement} is not supported: Shard(-1) "
+                     f"(the vocabulary) or Replicate()")
+
+
+def _is_dtensor(x):
+    try:
+        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    except ImportError:
+        return False
+    return isinstance(x, DTensor)
+
+
+def local(x):
+    """A DTensor's local tensor (labels or masks replicated over the mesh), else x."""
+    return x.to_local() if _is_dtensor(x) else x

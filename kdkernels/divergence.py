@@ -39,10 +39,15 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
             The result is the loss of the full rows, on every rank; gradients reach the
             shards. Only per-row statistics are exchanged (kdkernels/ops/vocab_parallel.py);
             backend "auto" or "reference" (the PyTorch-ops form; no fused kernel yet).
+            DTensor logits sharded Shard(-1) on a 1-D mesh take this path with the mesh's
+            group (no process_group needed); Replicate() ones the ordinary one.
 
     Returns a float32 loss (float64 for float64 inputs). Gradients flow to whichever of the
     logits requires grad, in its own dtype.
     """
+    (student_logits, teacher_logits), process_group = _distributed.from_dtensors(
+        (student_logits, teacher_logits), ("student_logits", "teacher_logits"), process_group)
+    labels, mask = _distributed.local(labels), _distributed.local(mask)
     P.check_pair(student_logits, teacher_logits)
     temperature, beta, skew, taid_t = check_options(kind, temperature, beta, skew, taid_t)
     if not isinstance(t2_scale, bool):

@@ -139,6 +139,8 @@ def _run(rank, world, mode):
         out = kdkernels.divergence(s[:, lo:hi].requires_grad_(True), t[:, lo:hi],
                                    process_group=dist.group.WORLD, reduction="none")
         assert torch.isnan(out).tolist() == [False, True, False, True], out
+    elif mode == "dtensor":
+        _check_dtensor(world)
     elif mode == "bytes":
         s, t = _logits(10, 16, torch.float32)
         mask = torch.arange(16) % 4 != 0  # 12 kept rows
@@ -165,11 +167,65 @@ def _run(rank, world, mode):
         del os.environ["KDKERNELS_DEBUG"]
 
 
+def _check_dtensor(world):
+    """DTensor logits (Shard(-1) and Replicate()), and a tiny column-parallel lm_head
+    (ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)) against the same model
+    unsharded: loss, the hidden states' gradient and the head's (gathered) weight gradient."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: PLC0415
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module  # noqa: PLC0415
+
+    mesh = init_device_mesh("cpu", (world,))
+    s_full, t_full = _logits(12, 5, torch.float32)
+    opts = dict(kind="jsd", beta=0.3, temperature=2.0)
+    s_ref = s_full.clone().requires_grad_(True)
+    ref = kdkernels.divergence(s_ref, t_full, backend="reference", **opts)
+    ref.backward()
+    for placement in (Shard(-1), Replicate()):
+        ds = distribute_tensor(s_full, mesh, [placement]).requires_grad_(True)
+        dt = distribute_tensor(t_full, mesh, [placement])
+        loss = kdkernels.divergence(ds, dt, **opts)
+        loss.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+        assert ds.grad.placements == ds.placements, (ds.grad.placements, ds.placements)
+        torch.testing.assert_close(ds.grad.full_tensor(), s_ref.grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="placement"):
+        kdkernels.divergence(distribute_tensor(s_full, mesh, [Shard(0)]),
+                             distribute_tensor(t_full, mesh, [Shard(0)]))
+    with pytest.raises(TypeError, match="both be DTensors"):
+        kdkernels.divergence(distribute_tensor(s_full, mesh, [Shard(-1)]), t_full)
+
+    # A column-parallel tiny lm_head, student and teacher, against the unsharded copies.
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(16, V, bias=False) for _ in range(2)]
+    plain = [torch.nn.Linear(16, V, bias=False) for _ in range(2)]
+    for p, h in zip(plain, heads):
+        p.load_state_dict(h.state_dict())
+    style = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    for h in heads:
+        parallelize_module(h, mesh, style)
+    hidden = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[1, -100, 2], [3, 4, -100]])
+    results = []
+    for student, teacher in (heads, plain):
+        x = hidden.clone().requires_grad_(True)
+        loss = kdkernels.divergence(student(x), teacher(hidden).detach(), labels=labels,
+                                    kind="fkl", temperature=1.5)
+        loss.backward()
+        w = student.weight.grad
+        results.append((loss.detach(), x.grad, w.full_tensor() if hasattr(w, "full_tensor")
+                        else w))
+    for (a, b), name in zip(zip(*results), ("loss", "hidden grad", "weight grad")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 # One group per world size (starting processes costs seconds): "matrix" every kind and
 # option against the full rows, "edges" extreme values, 16-bit inputs and the NaN rule across
-# ranks, "bytes" the bytes per call against the documented bound, "errors" bad input.
-@pytest.mark.parametrize("world,modes", [(2, ("matrix", "edges", "bytes", "errors")),
-                                         (3, ("matrix", "edges"))], ids=["world2", "world3"])
+# ranks, "dtensor" DTensor logits and a column-parallel lm_head, "bytes" the bytes per call
+# against the documented bound, "errors" bad input.
+@pytest.mark.parametrize("world,modes", [(2, ("matrix", "edges", "dtensor", "bytes", "errors")),
+                                         (3, ("matrix", "edges", "dtensor"))],
+                         ids=["world2", "world3"])
 def test_vocab_parallel_divergence(world, modes):
     mp.spawn(_worker, args=(world, _free_port(), modes), nprocs=world, join=True)
 
