@@ -234,3 +234,25 @@ def test_bad_input_without_torch_distributed():
     with pytest.raises(ValueError, match="not initialized"):
         kdkernels.divergence(torch.zeros(2, 3), torch.zeros(2, 3),
                              process_group=object())
+
+
+def test_readme_example(tmp_path):
+    """README's tensor-parallel script, under torchrun with two processes (gloo)."""
+    import re  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    if not os.path.exists(readme):
+        pytest.skip("needs the source checkout")
+    blocks = re.findall(r"<!-- tp-example -->\s*```python\n(.*?)```", open(readme).read(), re.S)
+    assert len(blocks) == 1
+    script = tmp_path / "vocab_parallel_example.py"
+    script.write_text(blocks[0])
+    here = os.path.dirname(os.path.dirname(kdkernels.__file__))  # the kdkernels under test
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_free_port()), str(script)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
