@@ -44,6 +44,40 @@ def all_reduce_(tensor, op, group):
     return tensor
 
 
+def all_gather(tensor, group):
+    """The `tensor` of every rank of `group`, stacked in rank order (world, *shape); counted."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    TRAFFIC["bytes"] += tensor.numel() * tensor.element_size()
+    TRAFFIC["calls"] += 1
+    out = tensor.new_empty((dist.get_world_size(group),) + tuple(tensor.shape))
+    dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=group)
+    return out
+
+
+class Layout:
+    """Where this rank's vocabulary shard lies: its columns [offset, offset + width) of
+    vocab = Σ widths, the shards of the ranks in rank order (widths: every rank's)."""
+
+    def __init__(self, widths, rank):
+        self.widths = widths
+        self.offset, self.width = sum(widths[:rank]), widths[rank]
+        self.vocab = sum(widths)
+
+    def window(self, vocab):
+        """How many of this shard's columns lie below a global vocab_size `vocab`."""
+        return min(max(vocab - self.offset, 0), self.width)
+
+
+def layout(group, width, device):
+    """The Layout of this rank's shard of `width` columns: one all-gather of the widths (the
+    op derives the offsets from them; no offset argument)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    widths = all_gather(torch.tensor([width], dtype=torch.int64, device=device), group)
+    return Layout([int(w) for w in widths.reshape(-1).tolist()], dist.get_rank(group))
+
+
 def debug():
     return os.environ.get("KDKERNELS_DEBUG") == "1"
 
@@ -65,13 +99,14 @@ def all_agree(group, what, values, device):
                              f"be the same on every rank of process_group)")
 
 
-def from_dtensors(logits, names, process_group):
+def from_dtensors(logits, names, process_group, vocab_dim=-1):
     """DTensor logits, as torch.distributed.tensor.parallel's ColwiseParallel(output_layouts=
     Shard(-1), use_local_output=False) produces them: (local shards, the mesh's group), or
     (logits, process_group) unchanged when none is a DTensor. Shard(-1) of the last dim on a
     1-D mesh is the vocabulary-parallel layout; Replicate() is the full rows (the ordinary
     path: group None). Both logits must have the same placement; to_local() keeps autograd, so
-    the gradients reach the DTensors as DTensors of the same placement."""
+    the gradients reach the DTensors as DTensors of the same placement. vocab_dim: the
+    vocabulary's dim (0 for lm_head weights and biases: ColwiseParallel's Shard(0))."""
     is_dt = [_is_dtensor(x) for x in logits]
     if not any(is_dt):
         return logits, process_group
@@ -88,14 +123,14 @@ def from_dtensors(logits, names, process_group):
         raise ValueError(f"{names[0]}: DTensor logits on a 1-D device mesh are supported, got "
                          f"a {mesh.ndim}-D mesh")
     placement = placements[0]
-    if isinstance(placement, Shard) and placement.dim in (-1, logits[0].dim() - 1):
+    if isinstance(placement, Shard) and placement.dim % logits[0].dim() == vocab_dim % logits[0].dim():
         if process_group is not None and process_group != mesh.get_group():
             raise ValueError("process_group differs from the DTensors' device mesh group")
         return tuple(x.to_local() for x in logits), mesh.get_group()
     if isinstance(placement, Replicate):
         return tuple(x.to_local() for x in logits), None
-    raise ValueError(f"{names[0]}: DTensor placement {placement} is not supported: Shard(-1) "
-                     f"(the vocabulary) or Replicate()")
+    raise ValueError(f"{names[0]}: DTensor placement {placement} is not supported: "
+                     f"Shard({vocab_dim}) (the vocabulary) or Replicate()")
 
 
 def _is_dtensor(x):
@@ -106,6 +141,15 @@ def _is_dtensor(x):
     return isinstance(x, DTensor)
 
 
-def local(x):
-    """A DTensor's local tensor (labels or masks replicated over the mesh), else x."""
-    return x.to_local() if _is_dtensor(x) else x
+def local(x, name=None):
+    """A DTensor's local tensor (labels or masks replicated over the mesh), else x. With a
+    name, the DTensor must be Replicate() (hidden states: the column-parallel input)."""
+    if not _is_dtensor(x):
+        return x
+    if name is not None:
+        from torch.distributed.tensor import Replicate  # noqa: PLC0415
+
+        if any(not isinstance(p, Replicate) for p in x.placements):
+            raise ValueError(f"{name}: a DTensor must be Replicate() over the mesh (the "
+                             f"column-parallel input), got {x.placements}")
+    return x.to_local()

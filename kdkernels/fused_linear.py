@@ -3,11 +3,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend
+from . import _backend, _distributed
 from . import _plumbing as P
 from .divergence import check_options as check_divergence_options
 from .ops import divergence as div_ops
 from .ops import fused_linear as ops
+from .ops import vocab_parallel
 from .reference import fused_linear as ref
 
 
@@ -27,7 +28,8 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
                             soft_label_weight=1.0, student_logit_scale=1.0,
                             teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                             vocab_size=None, chunk_size=None, reduction="mean", num_items=None,
-                            return_components=False, weight_grad_fp32=True, backend="auto"):
+                            return_components=False, weight_grad_fp32=True, backend="auto",
+                            process_group=None):
     """kdkernels.divergence of the logits h·Wᵀ of two models, from their last hidden states
     and lm_head weights, without ever holding the (N, V) logits (chunks of rows instead).
 
@@ -49,11 +51,26 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
             across chunks and round once (default); False accumulates bf16 in bf16.
         backend: "auto", "reference" (materializes the logits: the spec), "cpu", "triton" or
             "cuda" (the divergence kernel of that backend per chunk; matmuls by torch).
+        process_group: a torch.distributed ProcessGroup for vocabulary-sharded lm_heads: the
+            weights and biases are this rank's contiguous rows of the heads (shards in rank
+            order, any sizes, the same rows on both sides), the hidden states are replicated
+            (the column-parallel input); vocab_size counts global columns. The loss is the
+            loss of the full vocabulary on every rank; the hidden-state gradient is
+            all-reduced, the weight gradient stays on its shard (kdkernels/ops/vocab_parallel.py:
+            what is exchanged). Backend "auto" only (the PyTorch-ops row step). DTensor
+            weights sharded Shard(0) on a 1-D mesh take this path with the mesh's group;
+            DTensor hidden states must be Replicate().
 
     Gradients reach student_hidden, student_weight and student_bias; the teacher side is a
     constant (no gradient, whether or not its tensors require grad). Returns a float32 loss
     (float64 on the reference backend for float64 inputs)."""
-    hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    (ws, wt), process_group = _distributed.from_dtensors(
+        (student_weight, teacher_weight), ("student_weight", "teacher_weight"), process_group,
+        vocab_dim=0)
+    student_bias, teacher_bias = (_distributed.local(b) for b in (student_bias, teacher_bias))
+    hs = _distributed.local(student_hidden, "student_hidden")
+    ht = _distributed.local(teacher_hidden, "teacher_hidden")
+    labels, mask = _distributed.local(labels), _distributed.local(mask)
     P.check_linear("student", hs, ws, student_bias)
     P.check_linear("teacher", ht, wt, teacher_bias)
     if hs.shape[:-1] != ht.shape[:-1]:
@@ -71,16 +88,22 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         student_logit_scale=student_logit_scale, student_softcap=student_softcap, labels=labels)
     t_scale = P.check_real("teacher_logit_scale", teacher_logit_scale, low=0.0, low_open=True)
     t_cap = P.check_softcap("teacher_softcap", teacher_softcap)
-    vocab = P.check_vocab_size(vocab_size, min(ws.shape[0], wt.shape[0]),
-                               f"the smaller vocabulary: student {ws.shape[0]}, teacher "
-                               f"{wt.shape[0]}")
+    if process_group is None:
+        vocab = P.check_vocab_size(vocab_size, min(ws.shape[0], wt.shape[0]),
+                                   f"the smaller vocabulary: student {ws.shape[0]}, teacher "
+                                   f"{wt.shape[0]}")
 
     lead_shape = hs.shape[:-1]
     n = hs.numel() // hs.shape[-1]
     device = hs.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
     chunk = P.check_chunk_size(chunk_size)  # 0: the op's memory budget (default_chunk)
-    backend = _backend.resolve_backend(backend, device, (hs.dtype, ht.dtype))
+    if process_group is not None:
+        group = _distributed.check_group(process_group)
+        P.check_choice("backend (with process_group)", backend, ("auto",))
+        backend = "auto"
+    else:
+        backend = _backend.resolve_backend(backend, device, (hs.dtype, ht.dtype))
     fp64 = backend == "reference" and torch.float64 in (hs.dtype, ht.dtype)
     wdtype = torch.float64 if fp64 else torch.float32
     row_weight, flat_labels, ce_weight = P.fused_rows(
@@ -89,7 +112,14 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         device=device, dtype=wdtype)
     hs2, ht2 = hs.reshape(n, hs.shape[-1]), ht.reshape(n, ht.shape[-1])
 
-    if backend == "reference":
+    if process_group is not None:
+        loss, div, ce, entropy = vocab_parallel.fused_linear_divergence(
+            hs2, ws, student_bias, ht2, wt, teacher_bias, row_weight, ce_weight, flat_labels,
+            group=group, vocab_size=vocab_size, kind=kind, beta=beta, skew=skew,
+            temperature=temperature, taid_t=taid_t, t_scale=t_scale, t_cap=t_cap, soft=soft,
+            hard=hard, s_scale=s_scale, s_cap=s_cap, chunk=chunk, reduce=reduction != "none",
+            entropy=return_components, weight_grad_fp32=weight_grad_fp32)
+    elif backend == "reference":
         parts = _reference(hs2, ws, student_bias, ht2, wt, teacher_bias, row_weight, ce_weight,
                            flat_labels, kept, vocab=vocab, kind=kind, temperature=temperature,
                            beta=beta, skew=skew, taid_t=taid_t, soft=soft, hard=hard,

@@ -83,7 +83,7 @@ def _cuda_out_dtype_matmuls():
     return _PROBE["ok"]
 
 
-class _Side:
+class Side:
     """One model's operands: the first `vocab` rows of the weight (and bias). Products are
     fp32: fp32 inputs, or bf16 on CUDA through the matmuls' out_dtype (16-bit products
     accumulated in fp32); every other 16-bit weight is multiplied as an fp32 copy made once per
@@ -149,8 +149,9 @@ class DivergenceStep:
         __call__(zs, rows, w, loss_out, g, bufs)
             zs (m, V) float32, the chunk's student logits (capped and scaled); rows: its slice of
             the kept rows; w (m,) the row weights; writes loss_out (m,) ← w·L and, when g is
-            given, g (m, V) ← d(w·L)/dzs. g may be zs itself (in place); zs may be overwritten
-            when g is zs or None (the loop has no further use for it then)."""
+            given, g (m, V) ← d(w·L)/dzs. g may be zs itself (in place) when in_place is True;
+            zs may be overwritten when g is zs or None (the loop has no further use for it).
+        in_place            whether g may be zs (else the loop gives g a buffer of its own)"""
     buffers = 1
 
     def __init__(self, ht, wt, bt, *, vocab, t_scale, t_cap, mode, swap, mix, temperature, taid,
@@ -159,9 +160,11 @@ class DivergenceStep:
         self.args = (mode, swap, mix, temperature, taid)
         self.backend = backend
 
+    in_place = True
+
     def select(self, pick):
         ht, wt, bt, vocab, t_scale, t_cap = self.teacher
-        self.side = _Side(pick(ht), wt, bt, vocab, t_scale, t_cap)
+        self.side = Side(pick(ht), wt, bt, vocab, t_scale, t_cap)
         return self
 
     def __call__(self, zs, rows, w, loss_out, g, bufs):
@@ -169,11 +172,53 @@ class DivergenceStep:
         rows_into(self.backend, zs, zt, w, *self.args, loss_out, g)
 
 
+class FullRows:
+    """The chunk loop's own row statistics (the cross-entropy's log-sum-exp and label logit,
+    the entropy) when a chunk's columns are the whole vocabulary: this device's. The
+    vocabulary-parallel loop brings ShardRows instead (ops/vocab_parallel.py: the same
+    statistics summed over the ranks' shards)."""
+
+    def select(self, pick):
+        return self
+
+    def budget_width(self, vocab):
+        """The width default_chunk budgets for (the same chunks on every rank under TP)."""
+        return vocab
+
+    def check_labels(self, labels, vocab):
+        if labels is not None and labels.numel():
+            lo, hi = (int(x) for x in torch.aminmax(labels))
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for "
+                                 f"the cross-entropy, got values in [{lo}, {hi}]")
+
+    def student_terms(self, zs, rows, labels, temperature, scratch, *, cross_entropy, entropy):
+        """(entropy summed over the chunk's rows or 0, lse (m,) of zs, zs at the labels (m,)),
+        the last two None unless cross_entropy."""
+        ent = _entropy_sum(zs, temperature, scratch) if entropy else 0.0
+        if not cross_entropy:
+            return ent, None, None
+        return ent, _lse(zs, scratch), zs.gather(1, labels[:, None]).squeeze(1)
+
+    def onehot(self, labels):
+        """(the labels' columns in this chunk, which rows own theirs: None = every row)."""
+        return labels, None
+
+    def hidden_grad_dtype(self, dtype):
+        return grad_dtype(dtype)
+
+    def reduce_hidden_grad(self, dh):
+        """dh (kept rows, H) of this chunk loop's columns → of every column (here: as is)."""
+
+
 def _run(hs, ws, bs, step, row_weight, ce_weight, labels, *, vocab, temperature, soft, hard,
-         s_scale, s_cap, chunk, grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32):
+         s_scale, s_cap, chunk, grad_hidden, grad_weight, grad_bias, entropy, weight_grad_fp32,
+         vocab_rows=None):
     """The chunk loop (see the module comment) around a row step (DivergenceStep's comment);
-    chunk 0: default_chunk. Returns the per-row weighted loss of the step and cross-entropy
-    (N,) float32, the entropy sum, and dh, dWs, dbs (None where not asked)."""
+    chunk 0: default_chunk; vocab_rows: the row statistics (FullRows by default). Returns the
+    per-row weighted loss of the step and cross-entropy (N,) float32, the entropy sum, and dh,
+    dWs, dbs (None where not asked)."""
+    vocab_rows = FullRows() if vocab_rows is None else vocab_rows
     n, device = hs.shape[0], hs.device
     div_rows = torch.zeros(n, dtype=torch.float32, device=device)
     ce_rows = torch.zeros(n, dtype=torch.float32, device=device)
@@ -186,31 +231,28 @@ def _run(hs, ws, bs, step, row_weight, ce_weight, labels, *, vocab, temperature,
         dw[vocab:].zero_()
     if grad_bias:
         db = ws.new_zeros(ws.shape[0], dtype=acc)
-    if labels is not None and labels.numel():
-        lo, hi = (int(x) for x in torch.aminmax(labels))
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"labels of kept rows must be in [0, vocab_size={vocab}) for the "
-                             f"cross-entropy, got values in [{lo}, {hi}]")
+    vocab_rows.check_labels(labels, vocab)
 
     # Kept rows only: dropped rows are never read (nor multiplied).
     kept = (row_weight != 0) | (ce_weight != 0)
     idx = None if bool(kept.all()) else kept.nonzero().squeeze(1)
     if grad_hidden:  # every kept row is written; dropped ones are 0
-        dh = hs.new_empty(hs.shape, dtype=grad_dtype(hs.dtype)) if idx is None \
-            else hs.new_zeros(hs.shape, dtype=grad_dtype(hs.dtype))
+        dh_dtype = vocab_rows.hidden_grad_dtype(hs.dtype)
+        dh = hs.new_empty(hs.shape, dtype=dh_dtype) if idx is None \
+            else hs.new_zeros(hs.shape, dtype=dh_dtype)
     pick = (lambda x: x) if idx is None else (lambda x: x.index_select(0, idx))
     k = n if idx is None else idx.numel()
     if k == 0:
         if dw is not None:
             dw.zero_()
         return div_rows, ce_rows, entropy_sum, dh, dw, db
-    s_side = _Side(pick(hs), ws, bs, vocab, s_scale, s_cap)
-    step = step.select(pick)
+    s_side = Side(pick(hs), ws, bs, vocab, s_scale, s_cap)
+    step, vocab_rows = step.select(pick), vocab_rows.select(pick)
     w_k, cew_k = pick(row_weight).float().contiguous(), pick(ce_weight).float()
     lab_k = None if labels is None else pick(labels)
     use_ce = lab_k is not None and (hard != 0.0 or entropy)
     ce_grad = lab_k is not None and hard != 0.0 and any_grad
-    separate = any_grad and (ce_grad or bool(s_cap))  # dL/dzs cannot overwrite zs
+    separate = any_grad and (ce_grad or bool(s_cap) or not step.in_place)  # g ≠ zs
     div_k = torch.empty(k, dtype=torch.float32, device=device)
     ce_k = torch.zeros(k, dtype=torch.float32, device=device)
     dh_k = None
@@ -224,7 +266,7 @@ def _run(hs, ws, bs, step, row_weight, ce_weight, labels, *, vocab, temperature,
     # after the step, and a scratch for the cross-entropy's and the entropy's exponentials.
     scratch = use_ce or entropy
     n_bufs = 1 + step.buffers + separate + scratch
-    chunk = min(chunk or default_chunk(k, vocab, n_bufs, device), k)
+    chunk = min(chunk or default_chunk(k, vocab_rows.budget_width(vocab), n_bufs, device), k)
     bufs = [torch.empty((chunk, vocab), dtype=torch.float32, device=device)
             for _ in range(n_bufs)]
     zs_buf, step_bufs = bufs[0], bufs[1:1 + step.buffers]
@@ -235,22 +277,26 @@ def _run(hs, ws, bs, step, row_weight, ce_weight, labels, *, vocab, temperature,
         m = rows.stop - a
         zs = s_side.logits_into(zs_buf[:m], rows)
         lse = None
-        if entropy:
-            entropy_sum += _entropy_sum(zs, temperature, sc_buf[:m])
-        if use_ce:
-            lse = _lse(zs, sc_buf[:m])
-            ce_k[rows] = (lse - zs.gather(1, lab_k[rows, None]).squeeze(1)) * cew_k[rows]
+        if entropy or use_ce:
+            ent, lse, z_label = vocab_rows.student_terms(
+                zs, rows, None if lab_k is None else lab_k[rows], temperature, sc_buf[:m],
+                cross_entropy=use_ce, entropy=entropy)
+            entropy_sum += ent
+            if use_ce:
+                ce_k[rows] = (lse - z_label) * cew_k[rows]
         g = None
         if any_grad:
             g = g_buf[:m] if separate else zs
         step(zs, rows, w_k[rows], div_k[rows], g, step_bufs)
         if not any_grad:
             continue
-        _epilogue(g, zs, lse, None if lab_k is None else lab_k[rows], cew_k[rows],
-                  None if sc_buf is None else sc_buf[:m], soft=soft,
+        _epilogue(g, zs, lse, None if lab_k is None else vocab_rows.onehot(lab_k[rows]),
+                  cew_k[rows], None if sc_buf is None else sc_buf[:m], soft=soft,
                   hard=hard if ce_grad else 0.0, s_scale=s_scale, s_cap=s_cap)
         _backward_matmuls(g, s_side, rows, dh_k, dw_v, db_v, first=a == 0)
 
+    if dh_k is not None:
+        vocab_rows.reduce_hidden_grad(dh_k)
     div_rows = div_k if idx is None else div_rows.index_copy_(0, idx, div_k)
     ce_rows = ce_k if idx is None else ce_rows.index_copy_(0, idx, ce_k)
     if dh is not None and idx is not None:
@@ -283,9 +329,10 @@ def _entropy_sum(zs, temperature, scratch, rows_per_step=16):
     return total
 
 
-def _epilogue(g, zs, lse, labels, ce_w, scratch, *, soft, hard, s_scale, s_cap):
+def _epilogue(g, zs, lse, onehot, ce_w, scratch, *, soft, hard, s_scale, s_cap):
     """g (the divergence rows' dL/dzs) → dL/d(hs·Wsᵀ + bs), in place (see the module comment).
-    zs holds the capped logits unless g overwrote them (then there is no CE and no cap)."""
+    zs holds the capped logits unless g overwrote them (then there is no CE and no cap);
+    onehot: the labels' columns and which rows own theirs (FullRows.onehot)."""
     if soft == 0.0:
         g.zero_()  # not 0·G: G may be inf where the divergence is (rkl with −inf teacher logits)
     elif soft != 1.0:
@@ -293,7 +340,9 @@ def _epilogue(g, zs, lse, labels, ce_w, scratch, *, soft, hard, s_scale, s_cap):
     if hard != 0.0:
         w = (ce_w * hard)[:, None]
         g.addcmul_(torch.sub(zs, lse[:, None], out=scratch).exp_(), w)  # + w·softmax(zs)
-        g.scatter_add_(1, labels[:, None], -w)
+        cols, owned = onehot
+        if g.shape[1]:  # (a vocabulary shard may have no column below vocab_size)
+            g.scatter_add_(1, cols[:, None], -w if owned is None else -w * owned[:, None])
     if s_cap:
         g.mul_(zs.div_(s_cap).square_().neg_().add_(1.0))  # 1 − tanh², zs no longer needed
     if s_scale != 1.0:

@@ -151,6 +151,7 @@ class SparseStep:
     """The row step of the sparse divergences (see ops/fused_linear.py DivergenceStep for the
     protocol): the teacher is (N, K) log-probabilities and indices."""
     buffers = 0
+    in_place = True
 
     def __init__(self, lp, idx, *, kind, beta, tail, temperature, teacher_temperature, backend):
         self.lp, self.idx = lp, idx
@@ -186,6 +187,7 @@ class TopKStep:
     """The row step of the extractors: the k largest log-probabilities of softmax(z/T) per
     row and their indices, into values / indices (N, k)."""
     buffers = 0
+    in_place = True
 
     def __init__(self, k, *, temperature, backend, values, indices):
         self.k, self.temperature, self.backend = k, temperature, backend

@@ -27,9 +27,10 @@ distribution, makes the row and its gradient NaN on every rank)."""
 import torch
 
 from .. import _distributed as D
-from .._plumbing import grad_dtype
+from .._plumbing import check_vocab_size, grad_dtype
 from ..reference import divergence as ref
 from ._hand_over import keep_for_hand_over, scale, take_handed_over
+from .fused_linear import FullRows, Side, backward_outputs, forward_outputs
 
 # Elements per chunk of rows and columns held at once (per intermediate; a few are alive).
 CHUNK_ELEMENTS = 1 << 20
@@ -40,26 +41,61 @@ def divergence(student, teacher, weight, kept, *, group, kind, temperature, beta
     """Σ_i w_i·D_i (reduce) or w_i·D_i per row, D the divergence of the full-vocabulary rows
     whose shards student / teacher (N, V_r) this rank holds; gradients to the shards. kept:
     (N,) bool or None; weight (N,) as from _plumbing.row_weights."""
+    on = torch.is_grad_enabled()
+    need = (on and student.requires_grad, on and teacher.requires_grad)
     return _VocabParallel.apply(student, teacher, weight, kept, group, kind, temperature, beta,
-                                skew, taid_t, reduce)
+                                skew, taid_t, reduce, need)
 
 
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, weight, kept, group, kind, temperature, beta, skew,
-                taid_t, reduce):
-        need = (student.requires_grad, teacher.requires_grad)
-        loss, gs, gt = _forward(student, teacher, weight, kept, group, kind, temperature, beta,
-                                skew, taid_t, reduce, need)
+                taid_t, reduce, need):
+        n, width = student.shape
+        rows = None if kept is None else kept.nonzero().squeeze(1)
+        k = n if rows is None else rows.numel()
+        D.all_agree(group, "the rows and options (N, kept rows, kind, temperature, beta, skew, "
+                    "taid_t, reduce)", (n, k, ref.KINDS.index(ref.canonical_kind(kind, beta, skew)),
+                                       temperature, beta, skew, -1.0 if taid_t is None else taid_t,
+                                       reduce), student.device)
+        cdtype = compute_dtype(student.dtype, teacher.dtype)
+        loss_rows = torch.empty(k, dtype=cdtype, device=student.device)
+        g = [torch.empty(k, width, dtype=cdtype, device=x.device) if grad else None
+             for x, grad in zip((student, teacher), need)]
+        w = weight if rows is None else weight[rows]
+        rows_into(student.detach(), teacher.detach(), rows, w.to(cdtype), group=group, kind=kind,
+                  temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
+                  loss_out=loss_rows, g_s=g[0], g_t=g[1])
+        out_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
+        if reduce:
+            loss = loss_rows.sum().to(out_dtype)
+        elif rows is None:
+            loss = loss_rows.to(out_dtype)
+        else:
+            loss = loss_rows.new_zeros(n, dtype=out_dtype).index_copy_(0, rows,
+                                                                     loss_rows.to(out_dtype))
+        grads = []
+        for x, gx in zip((student, teacher), g):
+            if gx is None:
+                grads.append(x.new_empty((0,), dtype=grad_dtype(x.dtype)))
+            elif rows is None:
+                grads.append(gx.to(grad_dtype(x.dtype)))
+            else:
+                grads.append(x.new_zeros(x.shape, dtype=grad_dtype(x.dtype)).index_copy_(
+                    0, rows, gx.to(grad_dtype(x.dtype))))
         ctx.reduce, ctx.dtypes = reduce, (student.dtype, teacher.dtype)
-        keep_for_hand_over(ctx, gs, gt)
+        keep_for_hand_over(ctx, *grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         gs, gt = take_handed_over(ctx)
         return (scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]),
-                scale(gt, grad_loss, ctx.reduce, ctx.dtypes[1])) + (None,) * 9
+                scale(gt, grad_loss, ctx.reduce, ctx.dtypes[1])) + (None,) * 10
+
+
+def compute_dtype(*dtypes):
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _chunks(n, width):
@@ -67,50 +103,60 @@ def _chunks(n, width):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _target(s, t, taid_t):
-    return t if taid_t is None else ref.taid_target(s, t, taid_t)
+# Columns of the per-row statistics rows_into computes (and can be given back, to skip its
+# all-reduces): the shifts (row maxima) and log-normalizers of the student and the target,
+# whether the row has a distribution, and Σ_all G^q, Σ_all G^p.
+STATS = 7
 
 
-def _forward(student, teacher, weight, kept, group, kind, temperature, beta, skew, taid_t,
-             reduce, need):
+def rows_into(student, teacher, rows, w, *, group, kind, temperature, beta, skew, taid_t,
+              loss_out, g_s=None, g_t=None, stats=None):
+    """The vocabulary-parallel divergence rows (the module comment) of this rank's shards
+    student, teacher (n, V_r), any float dtype, at rows (k,) int64 (None: all n):
+    loss_out (k,) ← w·D, and g_s / g_t (k, V_r) ← d(w·D)/d(shard) where given, in the compute
+    dtype (loss_out's: float32, or float64 for float64 inputs); w (k,) the row weights.
+    Returns the rows' statistics (k, STATS) float64. Given `stats` (what an earlier call on the
+    same rows returned), no collective runs and loss_out is not written: the gradients alone
+    (a backward that reruns the rows). The launcher of every vocabulary-parallel op on the
+    divergence kinds (the fused-linear step below runs it on each chunk of logits)."""
     n, width = student.shape
-    cdtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    rows = torch.arange(n, device=student.device) if kept is None else kept.nonzero().squeeze(1)
-    k = rows.numel()
+    k = n if rows is None else rows.numel()
+    cdtype = loss_out.dtype
+    device = student.device
     kind = ref.canonical_kind(kind, beta, skew)
-    D.all_agree(group, "the rows and options (N, kept rows, kind, temperature, beta, skew, "
-                "taid_t, reduce)", (n, k, ref.KINDS.index(kind), temperature, beta, skew,
-                                   -1.0 if taid_t is None else taid_t, reduce), student.device)
     chunks = _chunks(k, width)
 
-    def load(i, j):  # the kept rows i:j of both shards, in the compute dtype
-        idx = rows[i:j]
-        s = student.detach()[idx].to(cdtype)
-        return s, _target(s, teacher.detach()[idx].to(cdtype), taid_t)
+    def load(i, j):  # the rows i:j of both shards, in the compute dtype
+        s = (student[i:j] if rows is None else student[rows[i:j]]).to(cdtype)
+        t = (teacher[i:j] if rows is None else teacher[rows[i:j]]).to(cdtype)
+        return s, t if taid_t is None else ref.taid_target(s, t, taid_t)
 
-    # 1. Row maxima; NaN and +inf entries are counted apart (they make the row NaN).
-    maxima = torch.empty(k, 2, dtype=cdtype, device=student.device)
-    sums = torch.zeros(k, 3, dtype=torch.float64, device=student.device)  # Σe of s, t; bad
-    for i, j in chunks:
-        for side, x in enumerate(load(i, j)):
-            m = x.amax(-1) if width else x.new_full((j - i,), float("-inf"))
-            maxima[i:j, side] = torch.where(torch.isfinite(m), m, float("-inf"))
-            sums[i:j, 2] += (torch.isnan(x) | (x == float("inf"))).sum(-1)
-    D.all_reduce_(maxima, "max", group)
-    shift = torch.where(torch.isfinite(maxima), maxima, 0.0)
-    # 2. The normalizers Σ e^((x − M)/T) and the bad-entry counts, summed over ranks.
-    for i, j in chunks:
-        for side, x in enumerate(load(i, j)):
-            a = (x - shift[i:j, side, None]) / temperature
-            sums[i:j, side] = torch.where(torch.isnan(a), 0.0, a).exp().sum(-1, dtype=torch.float64)
-    D.all_reduce_(sums, "sum", group)
-    log_z = sums[:, :2].log()
-    ok = (sums[:, 2] == 0) & torch.isfinite(log_z).all(-1)
-    log_z = torch.where(ok[:, None], log_z, 0.0).to(cdtype)
-    # 3. Partial divergences and, per element, G = ∂D/∂(log-probabilities) with their row sums.
-    partial = torch.zeros(k, 3, dtype=torch.float64, device=student.device)
-    g = [torch.empty(k, width, dtype=cdtype, device=student.device) if need[i] else None
-         for i in range(2)]
+    if stats is None:
+        # 1. Row maxima; NaN and +inf entries are counted apart (they make the row NaN).
+        maxima = torch.empty(k, 2, dtype=cdtype, device=device)
+        sums = torch.zeros(k, 3, dtype=torch.float64, device=device)  # Σe of s, t; bad
+        for i, j in chunks:
+            for side, x in enumerate(load(i, j)):
+                m = x.amax(-1) if width else x.new_full((j - i,), float("-inf"))
+                maxima[i:j, side] = torch.where(torch.isfinite(m), m, float("-inf"))
+                sums[i:j, 2] += (torch.isnan(x) | (x == float("inf"))).sum(-1)
+        D.all_reduce_(maxima, "max", group)
+        shift = torch.where(torch.isfinite(maxima), maxima, 0.0)
+        # 2. The normalizers Σ e^((x − M)/T) and the bad-entry counts, summed over ranks.
+        for i, j in chunks:
+            for side, x in enumerate(load(i, j)):
+                a = (x - shift[i:j, side, None]) / temperature
+                sums[i:j, side] = torch.where(torch.isnan(a), 0.0, a).exp().sum(
+                    -1, dtype=torch.float64)
+        D.all_reduce_(sums, "sum", group)
+        log_z = sums[:, :2].log()
+        ok = (sums[:, 2] == 0) & torch.isfinite(log_z).all(-1)
+        log_z = torch.where(ok[:, None], log_z, 0.0).to(cdtype)
+        partial = torch.zeros(k, 3, dtype=torch.float64, device=device)
+    else:
+        shift, log_z = stats[:, 0:2].to(cdtype), stats[:, 2:4].to(cdtype)
+        ok, partial = stats[:, 4] != 0, stats[:, 4:7].clone()  # (partial[:, 0] unused)
+    need = (g_s is not None, g_t is not None)
 
     def log_probs(i, j):
         s, t = load(i, j)
@@ -119,41 +165,228 @@ def _forward(student, teacher, weight, kept, group, kind, temperature, beta, ske
         lp = (torch.where(live, t, 0.0) - shift[i:j, 1, None]) / temperature - log_z[i:j, 1:]
         return lq, lp
 
-    for i, j in chunks:
-        with torch.enable_grad():
-            lq, lp = (x.requires_grad_(True) for x in log_probs(i, j))
-            d = ref.rows_from_log_probs(lp, lq, kind, beta, skew)
-            g_q, g_p = torch.autograd.grad(d.sum(), (lq, lp))
-        partial[i:j, 0] = d.detach()
-        partial[i:j, 1] = g_q.sum(-1, dtype=torch.float64)
-        partial[i:j, 2] = g_p.sum(-1, dtype=torch.float64)
-        for side, grad in enumerate((g_q, g_p)):
-            if need[side]:
-                g[side][i:j] = grad
-    D.all_reduce_(partial, "sum", group)
+    # 3. Partial divergences and, per element, G = ∂D/∂(log-probabilities) with their row sums.
+    if stats is None or any(need):
+        for i, j in chunks:
+            with torch.enable_grad():
+                lq, lp = (x.requires_grad_(True) for x in log_probs(i, j))
+                d = ref.rows_from_log_probs(lp, lq, kind, beta, skew)
+                g_q, g_p = torch.autograd.grad(d.sum(), (lq, lp))
+            if stats is None:
+                partial[i:j, 0] = d.detach()
+                partial[i:j, 1] = g_q.sum(-1, dtype=torch.float64)
+                partial[i:j, 2] = g_p.sum(-1, dtype=torch.float64)
+            for gx, grad in ((g_s, g_q), (g_t, g_p)):
+                if gx is not None:
+                    gx[i:j] = grad
+    if stats is None:
+        D.all_reduce_(partial, "sum", group)
+        loss_out.copy_(torch.where(ok, partial[:, 0].to(cdtype), float("nan")) * w)
     # 4. The log-softmax backward with the row sums of every rank: (G − prob·ΣG)/T, times λ
     #    for a TAID teacher (∂target/∂t = λ), the row weights, and the NaN rule.
-    w = weight[rows].to(cdtype)
-    loss_rows = torch.where(ok, partial[:, 0].to(cdtype), float("nan")) * w
-    factor = [1.0 / temperature, (1.0 if taid_t is None else taid_t) / temperature]
-    for i, j in chunks:
-        probs = [x.exp() for x in log_probs(i, j)]
-        for side in range(2):
-            if g[side] is not None:
-                total = partial[i:j, 1 + side, None].to(cdtype)
-                g[side][i:j] = torch.where(
-                    ok[i:j, None], (g[side][i:j] - probs[side] * total) * (w[i:j, None] *
-                                                                             factor[side]),
-                    float("nan"))
-    out_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
-    loss = loss_rows.sum().to(out_dtype) if reduce else \
-        torch.zeros(n, dtype=out_dtype, device=student.device).index_copy_(
-            0, rows, loss_rows.to(out_dtype))
-    grads = []
-    for side, x in enumerate((student, teacher)):
-        if g[side] is None:
-            grads.append(x.new_empty((0,), dtype=grad_dtype(x.dtype)))
-            continue
-        full = torch.zeros(n, width, dtype=grad_dtype(x.dtype), device=x.device)
-        grads.append(full.index_copy_(0, rows, g[side].to(full.dtype)))
-    return loss, grads[0], grads[1]
+    factor = (1.0 / temperature, (1.0 if taid_t is None else taid_t) / temperature)
+    if any(need):
+        for i, j in chunks:
+            probs = [x.exp() for x in log_probs(i, j)]
+            for side, gx in enumerate((g_s, g_t)):
+                if gx is not None:
+                    total = partial[i:j, 1 + side, None].to(cdtype)
+                    gx[i:j] = torch.where(ok[i:j, None], (gx[i:j] - probs[side] * total) *
+                                          (w[i:j, None] * factor[side]), float("nan"))
+    return torch.cat([shift.double(), log_z.double(), ok[:, None].double(), partial[:, 1:]], 1)
+
+
+# --------------------------------------------------------------- fused linear + divergence
+class RowStore:
+    """Per-row statistics (in the rows' original order, N of them) that a vocabulary-parallel
+    forward records and the backward that reruns the chunk loop (reduction='none') replays,
+    so that backward runs no collective of its own but the hidden-state gradient's."""
+
+    def __init__(self, n, device):
+        self.n, self.device, self.tensors, self.replay = n, device, {}, False
+
+    def ids(self, pick):
+        """The original rows of a loop's kept rows (pick: the loop's gather of them)."""
+        return pick(torch.arange(self.n, device=self.device))
+
+    def get(self, name, ids):
+        return self.tensors[name][ids] if self.replay else None
+
+    def put(self, name, ids, value):
+        if not self.replay:
+            if name not in self.tensors:
+                self.tensors[name] = value.new_zeros((self.n,) + tuple(value.shape[1:]))
+            self.tensors[name][ids] = value
+
+
+class ShardRows(FullRows):
+    """The chunk loop's row statistics (ops/fused_linear.py FullRows) over a vocabulary split
+    across `group`: the student's chunk holds this rank's columns (layout: _distributed.Layout).
+    One call of student_terms runs two all-reduces of the chunk's rows: MAX of the row maxima
+    (m,) float32, and SUM of (m, 5) float64 (Σ e^(z − M), the label's logit from the rank that
+    holds it, NaN / +inf counts, and the entropy's Σ e^a, Σ e^a·a at a = (z − M)/T)."""
+
+    def __init__(self, layout, vocab, group, store):
+        self.layout, self.group, self.store = layout, group, store
+        self.vocab, self.window = vocab, layout.window(vocab)  # global vocab_size; columns here
+
+    def select(self, pick):
+        self.ids = self.store.ids(pick)
+        return self
+
+    def budget_width(self, vocab):
+        return max(self.layout.widths)
+
+    def check_labels(self, labels, vocab):
+        super().check_labels(labels, self.vocab)
+
+    def student_terms(self, zs, rows, labels, temperature, scratch, *, cross_entropy, entropy):
+        ids = self.ids[rows]
+        saved = self.store.get("ce", ids)
+        if saved is not None:  # (a backward rerun: no entropy is asked there)
+            return 0.0, saved[:, 0].float(), saved[:, 1].float()
+        m, width = zs.shape
+        top = zs.amax(1) if width else zs.new_full((m,), float("-inf"))
+        top = torch.where(torch.isfinite(top), top, float("-inf"))
+        D.all_reduce_(top, "max", self.group)
+        shift = torch.where(torch.isfinite(top), top, 0.0)[:, None]
+        sums = torch.zeros(m, 5, dtype=torch.float64, device=zs.device)
+        sums[:, 2] = (torch.isnan(zs) | (zs == float("inf"))).sum(1)
+        if cross_entropy:
+            sums[:, 0] = torch.sub(zs, shift, out=scratch).exp_().sum(1, dtype=torch.float64)
+            cols, owned = self.onehot(labels)
+            if width:
+                sums[:, 1] = torch.where(owned, zs.gather(1, cols[:, None]).squeeze(1), 0.0)
+        if entropy:
+            a = torch.sub(zs, shift, out=scratch).div_(temperature)
+            for r in range(0, m, 16):  # a few rows at a time (the chunk loop's _entropy_sum)
+                blk = a[r:r + 16]
+                e = blk.exp()
+                sums[r:r + 16, 3] = e.sum(1, dtype=torch.float64)
+                sums[r:r + 16, 4] = torch.where(e > 0, e * blk, 0.0).sum(1, dtype=torch.float64)
+        D.all_reduce_(sums, "sum", self.group)
+        bad = sums[:, 2] > 0
+        ent = 0.0
+        if entropy:
+            z = sums[:, 3]
+            ent = torch.where(bad, float("nan"), z.log() - sums[:, 4] / z).sum()
+        if not cross_entropy:
+            return ent, None, None
+        lse = torch.where(bad, float("nan"), shift.squeeze(1).double() + sums[:, 0].log())
+        self.store.put("ce", ids, torch.stack([lse, sums[:, 1]], 1))
+        return ent, lse.float(), sums[:, 1].float()
+
+    def onehot(self, labels):
+        local = labels - self.layout.offset
+        owned = (local >= 0) & (local < self.window)
+        return torch.where(owned, local, 0), owned
+
+    def hidden_grad_dtype(self, dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32  # summed, then rounded
+
+    def reduce_hidden_grad(self, dh):
+        D.all_reduce_(dh, "sum", self.group)
+
+
+class DivergenceShardStep:
+    """The fused-linear row step (ops/fused_linear.py DivergenceStep's protocol) on this rank's
+    vocabulary shard: the teacher's shard of logits, then rows_into (three all-reduces per
+    chunk, recorded in `store` for a backward rerun)."""
+    buffers = 1
+    in_place = False  # rows_into reads zs again after writing G
+
+    def __init__(self, ht, wt, bt, *, vocab, t_scale, t_cap, options, group, store):
+        self.teacher = (ht, wt, bt, vocab, t_scale, t_cap)
+        self.options, self.group, self.store = options, group, store
+
+    def select(self, pick):
+        ht, wt, bt, vocab, t_scale, t_cap = self.teacher
+        self.side = Side(pick(ht), wt, bt, vocab, t_scale, t_cap)
+        self.ids = self.store.ids(pick)
+        return self
+
+    def __call__(self, zs, rows, w, loss_out, g, bufs):
+        zt = self.side.logits_into(bufs[0][:zs.shape[0]], rows)
+        ids = self.ids[rows]
+        stats = rows_into(zs, zt, None, w, group=self.group, loss_out=loss_out, g_s=g,
+                          stats=self.store.get("div", ids), **self.options)
+        self.store.put("div", ids, stats)
+
+
+def fused_linear(hs, ws, bs, step, rows, loop):
+    """The chunk loop (ops/fused_linear.py run) with a vocabulary-parallel step and ShardRows,
+    as an autograd function of hs, ws, bs: (loss, divergence, cross-entropy, entropy) as
+    forward_outputs gives them. loop: run's other arguments (row_weight, ce_weight, labels,
+    reduce, and the keywords). reduce: the forward computes the gradients (dh all-reduced
+    there) and backward scales them; else backward reruns the loop with the recorded
+    statistics (dh all-reduced then)."""
+    on = torch.is_grad_enabled()
+    need = dict(grad_hidden=on and hs.requires_grad, grad_weight=on and ws.requires_grad,
+                grad_bias=on and bs is not None and bs.requires_grad)
+    return _FusedLinear.apply(hs, ws, bs, step, rows, need, loop)
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, step, rows, need, loop):
+        loop = dict(loop)
+        row_weight, ce_weight, labels = (loop.pop(k) for k in ("row_weight", "ce_weight",
+                                                                 "labels"))
+        out = forward_outputs(hs.detach(), ws.detach(), None if bs is None else bs.detach(), step,
+                              row_weight, ce_weight, labels, vocab_rows=rows, **need, **loop)
+        loss, div, ce, ent = out[:4]
+        ctx.mark_non_differentiable(div, ce, ent)
+        ctx.reduce, ctx.dtypes = loop["reduce"], (hs.dtype, ws.dtype)
+        if ctx.reduce:
+            keep_for_hand_over(ctx, *out[4:])
+        else:
+            rows.store.replay = True
+            ctx.save_for_backward(hs, ws, bs)
+            ctx.rerun = (step, rows, row_weight, ce_weight, labels, need,
+                         {k: v for k, v in loop.items() if k not in ("reduce", "entropy")})
+        return loss, div, ce, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        if ctx.reduce:
+            dh, dw, db = take_handed_over(ctx)
+            return (scale(dh, grad_loss, True, ctx.dtypes[0]),
+                    scale(dw, grad_loss, True, ctx.dtypes[1]),
+                    scale(db, grad_loss, True, ctx.dtypes[1])) + (None,) * 4
+        hs, ws, bs = ctx.saved_tensors
+        step, rows, row_weight, ce_weight, labels, need, loop = ctx.rerun
+        grads = backward_outputs(grad_loss, hs.detach(), ws.detach(),
+                                 None if bs is None else bs.detach(), step, row_weight,
+                                 ce_weight, labels, vocab_rows=rows, **need, **loop)
+        return tuple(None if g.dim() == 1 and g.shape[0] == 0 else g for g in grads) + \
+            (None,) * 4
+
+
+def fused_linear_divergence(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, group,
+                            vocab_size, kind, beta, skew, temperature, taid_t, t_scale, t_cap,
+                            **loop):
+    """kdkernels.fused_linear_divergence with vocabulary-sharded lm_heads: ws, bs, wt, bt are
+    this rank's rows of the heads (the same columns on both sides), hs, ht (N, H) replicated.
+    vocab_size: the global columns that take part (None: all). loop: the chunk loop's
+    remaining arguments (reduce, soft, hard, s_scale, s_cap, chunk, entropy,
+    weight_grad_fp32)."""
+    device = hs.device
+    if ws.shape[0] != wt.shape[0]:
+        raise ValueError(f"student_weight and teacher_weight must hold the same vocabulary rows "
+                         f"on each rank (one shard of the same columns), got {ws.shape[0]} and "
+                         f"{wt.shape[0]} rows")
+    lay = D.layout(group, ws.shape[0], device)
+    vocab = check_vocab_size(vocab_size, lay.vocab, f"the vocabulary of the shards, {lay.vocab}")
+    D.all_agree(group, "the rows and options (N, vocab_size, kind, temperature, beta, skew, "
+                "taid_t, reduce)", (hs.shape[0], vocab, ref.KINDS.index(ref.canonical_kind(
+                    kind, beta, skew)), temperature, beta, skew,
+                    -1.0 if taid_t is None else taid_t, loop["reduce"]), device)
+    store = RowStore(hs.shape[0], device)
+    rows = ShardRows(lay, vocab, group, store)
+    step = DivergenceShardStep(
+        ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab=rows.window,
+        t_scale=t_scale, t_cap=t_cap, group=group, store=store,
+        options=dict(kind=kind, beta=beta, skew=skew, temperature=temperature, taid_t=taid_t))
+    return fused_linear(hs, ws, bs, step, rows, dict(
+        row_weight=row_weight, ce_weight=ce_weight, labels=labels, vocab=rows.window,
+        temperature=temperature, **loop))
