@@ -2,23 +2,37 @@
 log-probabilities (offline caches, inference servers), and the extractors that make them."""
 import torch
 
-from . import _backend
+from . import _backend, _distributed
 from . import _plumbing as P
 from .divergence import check_options as check_divergence_options
 from .reference.divergence import canonical_kind
 from .fused_linear import FusedLinearDivergenceOutput
 from .ops import fused_linear as fused_ops
 from .ops import sparse as ops
+from .ops import vocab_parallel
 from .reference import fused_linear as ref_fused
 from .reference import sparse as ref
 
 TAILS = ref.TAILS
 
 
+def _shard_layout(process_group, width, device):
+    """(group, Layout) of a vocabulary-parallel call, or (None, None) without one."""
+    if process_group is None:
+        return None, None
+    group = _distributed.check_group(process_group)
+    return group, _distributed.layout(group, width, device)
+
+
+def _tp_backend(backend):
+    P.check_choice("backend (with process_group)", backend, ("auto",))
+
+
 def sparse_divergence(student_logits, teacher_logprobs, teacher_indices, *, kind="fkl",
                       tail="renormalize", temperature=1.0, teacher_temperature=None, beta=0.5,
                       t2_scale=True, labels=None, ignore_index=-100, mask=None,
-                      reduction="mean", num_items=None, chunk_size=None, backend="auto"):
+                      reduction="mean", num_items=None, chunk_size=None, backend="auto",
+                      process_group=None):
     """Divergence between the student's full-vocabulary distribution softmax(z/T) and a
     teacher known by its top-k log-probabilities (kdkernels/reference/sparse.py: the math).
 
@@ -40,11 +54,23 @@ def sparse_divergence(student_logits, teacher_logprobs, teacher_indices, *, kind
         beta, t2_scale, labels, ignore_index, mask, reduction, num_items, backend: as in
             kdkernels.divergence ("cuda" and "cpu" run ATen ops; "triton" its kernels).
         chunk_size: rows per chunk (default: one cache-sized float32 buffer).
+        process_group: a torch.distributed ProcessGroup for a vocabulary split: the student's
+            logits (or lm_head rows) are this rank's contiguous vocabulary shard, in rank
+            order, any sizes; teacher ids, vocab_size and every other argument are global and
+            the same on every rank, and so is the result (kdkernels/ops/vocab_parallel.py: what
+            is exchanged). Backend "auto" only. DTensor logits Shard(-1) / weights Shard(0) on
+            a 1-D mesh take this path with the mesh's group.
 
     Returns a float32 loss (float64 for float64 inputs on the reference backend). The gradient
     flows to student_logits over the whole vocabulary; the teacher is a constant."""
+    (student_logits,), process_group = _distributed.from_dtensors(
+        (student_logits,), ("student_logits",), process_group)
+    teacher_logprobs, teacher_indices, labels, mask = (_distributed.local(x) for x in (
+        teacher_logprobs, teacher_indices, labels, mask))
     P.check_logits("student_logits", student_logits)
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    group, lay = _shard_layout(process_group, vocab, student_logits.device)
+    vocab = vocab if lay is None else lay.vocab
     lp, idx = _check_teacher_args(teacher_logprobs, teacher_indices, lead_shape, vocab,
                                   student_logits.device, "student_logits")
     kind, temperature, teacher_temperature, beta = _check_options(
@@ -53,9 +79,19 @@ def sparse_divergence(student_logits, teacher_logprobs, teacher_indices, *, kind
     P.check_choice("reduction", reduction, P.REDUCTIONS)
     chunk = P.check_chunk_size(chunk_size)
 
-    n = student_logits.numel() // vocab
+    n = student_logits.numel() // student_logits.shape[-1]
     device = student_logits.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
+    if group is not None:
+        _tp_backend(backend)
+        weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
+                               reduction=reduction, num_items=num_items, device=device)
+        loss = vocab_parallel.sparse_divergence(
+            P.as_rows(student_logits), lp.detach().reshape(n, lp.shape[-1]),
+            idx.reshape(n, idx.shape[-1]), weight, group=group, layout=lay, chunk=chunk,
+            reduce=reduction != "none", kind=kind, beta=beta, tail=tail,
+            temperature=temperature, teacher_temperature=teacher_temperature)
+        return loss if reduction != "none" else loss.reshape(lead_shape)
     backend = _backend.resolve_backend(backend, device, (student_logits.dtype,), family=None)
     fp64 = backend == "reference" and student_logits.dtype == torch.float64
     weight = P.row_weights(n, kept, scale=temperature ** 2 if t2_scale else 1.0,
@@ -87,7 +123,7 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
                                    student_logit_scale=1.0, student_softcap=None, vocab_size=None,
                                    chunk_size=None, reduction="mean", num_items=None,
                                    return_components=False, weight_grad_fp32=True,
-                                   backend="auto"):
+                                   backend="auto", process_group=None):
     """kdkernels.sparse_divergence of the student's logits logit_scale·(h·Wᵀ + b) (then
     softcapped), from its last hidden states and lm_head, chunk by chunk of rows (the chunk
     loop of kdkernels.fused_linear_divergence: never more than chunk × V logits).
@@ -100,13 +136,21 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
         weight_grad_fp32, student_logit_scale, student_softcap: as in
             kdkernels.fused_linear_divergence.
         the others: as in sparse_divergence.
+        process_group: as in sparse_divergence. The hidden states are replicated (a DTensor: Replicate()); their gradient is
+            all-reduced, the weight's stays on its shard.
 
     Gradients reach student_hidden, student_weight and student_bias. Returns a float32 loss
     (or a FusedLinearDivergenceOutput with return_components=True)."""
-    hs, ws = student_hidden, student_weight
+    (ws,), process_group = _distributed.from_dtensors(
+        (student_weight,), ("student_weight",), process_group, vocab_dim=0)
+    hs = _distributed.local(student_hidden, "student_hidden")
+    student_bias, teacher_logprobs, teacher_indices, labels, mask = (
+        _distributed.local(x) for x in (student_bias, teacher_logprobs, teacher_indices, labels,
+                                        mask))
     P.check_linear("student", hs, ws, student_bias)
     lead_shape = hs.shape[:-1]
-    vocab = P.check_vocab_size(vocab_size, ws.shape[0])
+    group, lay = _shard_layout(process_group, ws.shape[0], hs.device)
+    vocab = P.check_vocab_size(vocab_size, ws.shape[0] if lay is None else lay.vocab)
     lp, idx = _check_teacher_args(teacher_logprobs, teacher_indices, lead_shape, vocab,
                                   hs.device, "student_hidden")
     kind, temperature, teacher_temperature, beta = _check_options(
@@ -120,7 +164,11 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
 
     n, device = hs.numel() // hs.shape[-1], hs.device
     kept = P.kept_rows(lead_shape, device, labels=labels, ignore_index=ignore_index, mask=mask)
-    backend = _backend.resolve_backend(backend, device, (hs.dtype,), family=None)
+    if group is not None:
+        _tp_backend(backend)
+        backend = "auto"
+    else:
+        backend = _backend.resolve_backend(backend, device, (hs.dtype,), family=None)
     wdtype = torch.float64 if backend == "reference" and hs.dtype == torch.float64 \
         else torch.float32
     row_weight, flat_labels, ce_weight = P.fused_rows(
@@ -130,7 +178,14 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
     hs2 = hs.reshape(n, hs.shape[-1])
     lp, idx = lp.reshape(n, lp.shape[-1]), idx.reshape(n, idx.shape[-1])
 
-    if backend == "reference":
+    if group is not None:
+        loss, div, ce, entropy = vocab_parallel.fused_linear_sparse_divergence(
+            hs2, ws, student_bias, lp.detach(), idx, row_weight, ce_weight, flat_labels,
+            group=group, layout=lay, vocab=vocab, kind=kind, beta=beta, tail=tail,
+            temperature=temperature, teacher_temperature=teacher_temperature, soft=soft,
+            hard=hard, s_scale=s_scale, s_cap=s_cap, chunk=chunk, reduce=reduction != "none",
+            entropy=return_components, weight_grad_fp32=weight_grad_fp32)
+    elif backend == "reference":
         ops.check_teacher(lp, idx, vocab, row_weight, "vocab_size")
         lp, idx = _live_teacher(lp, idx, kept)
         parts = _fused_reference(hs2, ws, student_bias, lp, idx, row_weight, ce_weight,
@@ -156,21 +211,32 @@ def fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logpr
 
 
 def topk_logprobs(logits, k, *, temperature=1.0, logprob_dtype=torch.float32, chunk_size=None,
-                  backend="auto"):
+                  backend="auto", process_group=None):
     """The k largest log-probabilities of softmax(logits/T) per row, sorted descending, ties
     broken by the lower index, and their indices: (logprobs (..., k) in logprob_dtype,
     indices (..., k) int64). Exact: the normalizer runs over the whole vocabulary; each value
     is rounded once. Feeds sparse_divergence directly (cache them as bf16 / int32 if you like).
-    No gradient (a teacher's cache)."""
+    No gradient (a teacher's cache). process_group: as in sparse_divergence (logits:
+    this rank's vocabulary shard); each rank gets the same global top-k."""
+    (logits,), process_group = _distributed.from_dtensors((logits,), ("logits",), process_group)
     P.check_logits("logits", logits)
     vocab = logits.shape[-1]
-    k = _check_k(k, vocab)
+    group, lay = _shard_layout(process_group, vocab, logits.device)
+    k = _check_k(k, vocab if lay is None else lay.vocab)
     temperature = P.check_temperature("temperature", temperature)
     _check_logprob_dtype(logprob_dtype)
     chunk = P.check_chunk_size(chunk_size)
-    backend = _backend.resolve_backend(backend, logits.device, (logits.dtype,), family=None)
     rows = logits.detach().reshape(-1, vocab)
-    if backend == "reference":
+    if group is not None:
+        _tp_backend(backend)
+        backend = "shard"
+    else:
+        backend = _backend.resolve_backend(backend, logits.device, (logits.dtype,), family=None)
+    if backend == "shard":
+        values, indices = vocab_parallel.topk_logprobs(
+            P.as_rows(rows), k, group=group, layout=lay, temperature=temperature, chunk=chunk,
+            logprob_dtype=logprob_dtype)
+    elif backend == "reference":
         values, indices = _reference_topk(rows, k, temperature, logprob_dtype)
     else:
         values, indices = torch.ops.kdkernels.topk_logprobs(
@@ -181,22 +247,35 @@ def topk_logprobs(logits, k, *, temperature=1.0, logprob_dtype=torch.float32, ch
 
 def fused_linear_topk_logprobs(hidden, weight, k, *, bias=None, logit_scale=1.0, softcap=None,
                                temperature=1.0, vocab_size=None, chunk_size=None,
-                               logprob_dtype=torch.float32, backend="auto"):
+                               logprob_dtype=torch.float32, backend="auto", process_group=None):
     """topk_logprobs of the logits logit_scale·(hidden·weightᵀ + bias) (then softcapped), chunk
     by chunk of rows: never more than chunk × V logits, never an (N, V) log-softmax. hidden
     (..., H), weight (V, H), bias (V,); vocab_size: the columns that take part (default V).
+    process_group: as in sparse_divergence (weight, bias: this rank's rows; hidden
+    replicated, a DTensor: Replicate()).
     Returns (logprobs (..., k), indices (..., k) int64)."""
+    (weight,), process_group = _distributed.from_dtensors((weight,), ("weight",), process_group,
+                                                          vocab_dim=0)
+    hidden, bias = _distributed.local(hidden, "hidden"), _distributed.local(bias)
     P.check_linear("", hidden, weight, bias)
-    vocab = P.check_vocab_size(vocab_size, weight.shape[0])
+    group, lay = _shard_layout(process_group, weight.shape[0], hidden.device)
+    vocab = P.check_vocab_size(vocab_size, weight.shape[0] if lay is None else lay.vocab)
     k = _check_k(k, vocab)
     temperature = P.check_temperature("temperature", temperature)
     scale_ = P.check_real("logit_scale", logit_scale, low=0.0, low_open=True)
     cap = P.check_softcap("softcap", softcap)
     _check_logprob_dtype(logprob_dtype)
     chunk = P.check_chunk_size(chunk_size)
-    backend = _backend.resolve_backend(backend, hidden.device, (hidden.dtype,), family=None)
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     w, b = weight.detach(), None if bias is None else bias.detach()
+    if group is not None:
+        _tp_backend(backend)
+        values, indices = vocab_parallel.fused_linear_topk_logprobs(
+            h, w, b, k, group=group, layout=lay, vocab=vocab, logit_scale=scale_,
+            softcap=cap or 0.0, temperature=temperature, chunk=chunk,
+            logprob_dtype=logprob_dtype)
+        return values.reshape(hidden.shape[:-1] + (k,)), indices.reshape(hidden.shape[:-1] + (k,))
+    backend = _backend.resolve_backend(backend, hidden.device, (hidden.dtype,), family=None)
     if backend == "reference":
         z = ref_fused.logits(h, w, b, vocab=vocab, scale=scale_, softcap=cap)
         values, indices = _reference_topk(z, k, temperature, logprob_dtype)

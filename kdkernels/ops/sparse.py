@@ -423,7 +423,7 @@ register_autograd("fused_linear_sparse_divergence_fwd", "fused_linear_sparse_div
 def topk_logprobs(logits: Tensor, k: int, temperature: float, chunk: int, backend: str,
                   logprob_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(N, k) log-probabilities (logprob_dtype) and int64 indices of logits (N, V)."""
-    values, indices = _topk_outputs(logits.shape[0], k, logits.device, logprob_dtype)
+    values, indices = topk_outputs(logits.shape[0], k, logits.device, logprob_dtype)
     step = TopKStep(k, temperature=temperature, backend=backend, values=values, indices=indices)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits_loop(logits, step, torch.ones(logits.shape[0], device=logits.device), chunk=chunk,
@@ -439,7 +439,7 @@ def fused_linear_topk_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Te
                                logprob_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The same for the logits logit_scale·(hidden·weightᵀ + bias), softcapped (cap 0: none)."""
     n = hidden.shape[0]
-    values, indices = _topk_outputs(n, k, hidden.device, logprob_dtype)
+    values, indices = topk_outputs(n, k, hidden.device, logprob_dtype)
     step = TopKStep(k, temperature=temperature, backend=backend, values=values, indices=indices)
     ones, zeros = (torch.full((n,), v, device=hidden.device) for v in (1.0, 0.0))
     run(hidden, weight, bias, step, ones, zeros, None, vocab=vocab, temperature=temperature,
@@ -448,17 +448,17 @@ def fused_linear_topk_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Te
     return values, indices
 
 
-def _topk_outputs(n, k, device, dtype):
+def topk_outputs(n, k, device, dtype):
     return (torch.empty((n, k), dtype=dtype, device=device),
             torch.empty((n, k), dtype=torch.int64, device=device))
 
 
 @topk_logprobs.register_fake
 def _fake_topk(logits, k, temperature, chunk, backend, logprob_dtype):
-    return _topk_outputs(logits.shape[0], k, logits.device, logprob_dtype)
+    return topk_outputs(logits.shape[0], k, logits.device, logprob_dtype)
 
 
 @fused_linear_topk_logprobs.register_fake
 def _fake_fused_topk(hidden, weight, bias, k, vocab, logit_scale, softcap, temperature, chunk,
                      backend, logprob_dtype):
-    return _topk_outputs(hidden.shape[0], k, hidden.device, logprob_dtype)
+    return topk_outputs(hidden.shape[0], k, hidden.device, logprob_dtype)

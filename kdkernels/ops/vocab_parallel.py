@@ -30,7 +30,9 @@ from .. import _distributed as D
 from .._plumbing import check_vocab_size, grad_dtype
 from ..reference import divergence as ref
 from ._hand_over import keep_for_hand_over, scale, take_handed_over
-from .fused_linear import FullRows, Side, backward_outputs, forward_outputs
+from .fused_linear import FullRows, Side, backward_outputs, forward_outputs, run
+from .sparse import (LOGITS_CHUNK_BUDGET, check_teacher, entry_math, logits_loop,
+                     topk_lower_index, topk_outputs)
 
 # Elements per chunk of rows and columns held at once (per intermediate; a few are alive).
 CHUNK_ELEMENTS = 1 << 20
@@ -390,3 +392,211 @@ def fused_linear_divergence(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, label
     return fused_linear(hs, ws, bs, step, rows, dict(
         row_weight=row_weight, ce_weight=ce_weight, labels=labels, vocab=rows.window,
         temperature=temperature, **loop))
+
+
+# ----------------------------------------------------------- sparse teachers and top-k
+class SparseShardStep:
+    """The sparse-teacher row step (ops/sparse.py SparseStep, the same math: entry_math) on this
+    rank's vocabulary shard; the teacher's (N, K) entries carry global ids. Per chunk:
+        1. all-reduce MAX (m,) float32: the row maxima, the tempering shift (T ≠ 1 only)
+        2. all-reduce MAX (m, K + 1) float32: the maximum off the teacher's real entries, and
+           x at each entry from the rank that holds its column (−inf elsewhere)
+        3. all-reduce SUM (m, 2) float64: Σ e^(x − max) off the real entries, NaN / +inf counts
+    then entry_math on the (m, K) entries, the same on every rank, and the gradient on this
+    rank's columns. The statistics are recorded in `store` for a backward rerun."""
+    buffers = 0
+    in_place = True
+
+    def __init__(self, lp, idx, *, layout, group, store, kind, beta, tail, temperature,
+                 teacher_temperature):
+        self.teacher = (lp, idx)
+        self.math = dict(kind=kind, beta=beta, tail=tail, temperature=temperature,
+                         teacher_temperature=teacher_temperature or None)
+        self.temperature, self.layout, self.group, self.store = temperature, layout, group, store
+
+    def select(self, pick):  # (again for a backward rerun: from the teacher as given)
+        self.lp, self.idx = pick(self.teacher[0]), pick(self.teacher[1]).long()
+        self.ids = self.store.ids(pick)
+        return self
+
+    def __call__(self, zs, rows, w, loss_out, g, bufs):
+        lp, ids = self.lp[rows].double(), self.ids[rows]
+        x = zs if g is None or g is zs else g.copy_(zs)
+        m, width = x.shape
+        local = self.idx[rows] - self.layout.offset
+        own = (local >= 0) & (local < width)
+        cols = torch.where(own, local, 0)
+        real = lp > float("-inf")
+        saved = self.store.get("sparse", ids)
+        if saved is None:
+            shift = torch.zeros(m, dtype=torch.float32, device=x.device)
+            if self.temperature != 1.0:  # (ops/sparse.py tempered_: the shift, then / T)
+                top = x.amax(1) if width else x.new_full((m,), float("-inf"))
+                shift = D.all_reduce_(torch.where(torch.isfinite(top), top, float("-inf")),
+                                      "max", self.group)
+                shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        else:
+            shift = saved[:, 0].float()
+        x.sub_(shift[:, None]).div_(self.temperature)
+        bad = (torch.isnan(x) | (x == float("inf"))).sum(1)
+        zi = torch.where(own, x.gather(1, cols) if width else float("-inf"), float("-inf"))
+        if width:  # −inf at the real entries held here (a padding entry changes nothing)
+            x.scatter_reduce_(1, cols, torch.where(real & own, float("-inf"),
+                                                   float("inf")).float(), "amin")
+        if saved is None:
+            top = x.amax(1) if width else x.new_full((m,), float("-inf"))
+            maxima = D.all_reduce_(torch.cat([torch.where(torch.isfinite(top), top, float(
+                "-inf"))[:, None], zi], 1), "max", self.group)
+            off_max = torch.where(torch.isfinite(maxima[:, 0]), maxima[:, 0], 0.0)
+            sums = torch.stack([(x - off_max[:, None]).exp().sum(1, dtype=torch.float64),
+                                bad.double()], 1)
+            D.all_reduce_(sums, "sum", self.group)
+            lse_c = torch.where(sums[:, 1] > 0, float("nan"), off_max.double() + sums[:, 0].log())
+            zi = maxima[:, 1:].double()
+            self.store.put("sparse", ids, torch.cat([shift.double()[:, None], lse_c[:, None],
+                                                      zi], 1))
+        else:
+            lse_c, zi = saved[:, 1], saved[:, 2:]
+        loss, on, coef = entry_math(zi, lse_c, lp, **self.math)
+        w = w.double()
+        live = w != 0
+        if saved is None:
+            loss_out.copy_(torch.where(live, loss * w, 0.0))
+        if g is None:
+            return
+        # coef·e^(x − lse_c) off the real entries (0 at them: x = −inf there), then the entries
+        factor = torch.where(live & (coef != 0), coef * w, 0.0)
+        x.sub_(torch.where(torch.isfinite(lse_c), lse_c, 0.0).float()[:, None]).exp_()
+        x.mul_(factor.float()[:, None])
+        if width:
+            x.scatter_add_(1, cols, torch.where(live[:, None] & own, on * w[:, None],
+                                                0.0).float())
+
+
+class TopKShardStep:
+    """The extractor's row step (ops/sparse.py TopKStep) on this rank's vocabulary shard: per
+    chunk, all-reduce MAX (m,) float32 of the row maxima, all-reduce SUM (m, 2) float64 of
+    Σ e^((z − M)/T) and NaN / +inf counts, then this rank's k best candidates, all-gathered
+    ((m, 2k) float64: values and global ids, O(N·k) per rank) and merged: the k largest,
+    ties to the lower id, as on one device."""
+    buffers = 0
+    in_place = True
+
+    def __init__(self, k, *, temperature, layout, group, values, indices):
+        self.k, self.temperature, self.layout, self.group = k, temperature, layout, group
+        self.values, self.indices = values, indices
+
+    def select(self, pick):
+        return self
+
+    def __call__(self, zs, rows, w, loss_out, g, bufs):
+        m, width = zs.shape
+        top = zs.amax(1) if width else zs.new_full((m,), float("-inf"))
+        top = D.all_reduce_(torch.where(torch.isfinite(top), top, float("-inf")), "max",
+                            self.group)
+        x = zs.sub_(torch.where(torch.isfinite(top), top, 0.0)[:, None]).div_(self.temperature)
+        sums = torch.stack([x.exp().sum(1, dtype=torch.float64),
+                            (torch.isnan(x) | (x == float("inf"))).sum(1).double()], 1)
+        D.all_reduce_(sums, "sum", self.group)
+        lse = sums[:, 0].log()
+        bad = (sums[:, 1] > 0) | ~torch.isfinite(lse)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0]) + rows.start
+            raise ValueError(f"logits row {r} has no distribution (it holds NaN or +inf, or "
+                             f"is all −inf): its top-k log-probabilities are undefined")
+        # This rank's candidates (padding: value −inf, id +inf, after every real one).
+        mine = torch.full((m, 2 * self.k), float("-inf"), dtype=torch.float64, device=x.device)
+        mine[:, self.k:] = float("inf")
+        j = min(self.k, width)
+        if j:
+            vals, ids = topk_lower_index(x, j)
+            mine[:, :j], mine[:, self.k:self.k + j] = vals.double(), ids + self.layout.offset
+        every = D.all_gather(mine, self.group)  # (world, m, 2k)
+        cand = every[:, :, :self.k].permute(1, 0, 2).reshape(m, -1)
+        cand_ids = every[:, :, self.k:].permute(1, 0, 2).reshape(m, -1)
+        # The k largest, ties to the lower id: by id, then stably by value.
+        order = cand_ids.argsort(dim=1, stable=True)
+        cand, cand_ids = cand.gather(1, order), cand_ids.gather(1, order)
+        vals, order = cand.sort(dim=1, descending=True, stable=True)
+        self.values[rows] = (vals[:, :self.k] - lse[:, None]).to(self.values.dtype)
+        self.indices[rows] = cand_ids.gather(1, order[:, :self.k]).long()
+        loss_out.zero_()
+
+
+def _logits_chunk(chunk, lay, device):
+    """Rows per chunk of the logits ops, the same on every rank (the widest shard's budget)."""
+    budget = LOGITS_CHUNK_BUDGET["cuda" if device.type == "cuda" else "cpu"]
+    return chunk or max(1, budget // (4 * max(max(lay.widths), 1)))
+
+
+def sparse_divergence(student, lp, idx, row_weight, *, group, layout, chunk, reduce, **math):
+    """kdkernels.sparse_divergence of vocabulary-sharded student logits (N, V_r), the teacher's
+    (N, K) entries with global ids; SparseShardStep per chunk, gradient handed over."""
+    check_teacher(lp, idx, layout.vocab, row_weight)
+    on = torch.is_grad_enabled() and student.requires_grad
+    step = SparseShardStep(lp, idx, layout=layout, group=group,
+                           store=RowStore(student.shape[0], student.device), **math)
+    return _SparseLogits.apply(student, step, row_weight, _logits_chunk(chunk, layout,
+                                                                          student.device),
+                               reduce, on)
+
+
+class _SparseLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, step, row_weight, chunk, reduce, grad):
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            loss, g = logits_loop(student.detach(), step, row_weight, chunk=chunk, grad=grad,
+                                  out_dtype=grad_dtype(student.dtype, not reduce))
+        ctx.reduce, ctx.dtype = reduce, student.dtype
+        keep_for_hand_over(ctx, student.new_empty((0,)) if g is None else g)
+        return loss.double().sum().float() if reduce else loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (g,) = take_handed_over(ctx)
+        return (scale(g, grad_loss, ctx.reduce, ctx.dtype),) + (None,) * 5
+
+
+def fused_linear_sparse_divergence(hs, ws, bs, lp, idx, row_weight, ce_weight, labels, *, group,
+                                   layout, vocab, kind, beta, tail, temperature,
+                                   teacher_temperature, **loop):
+    """kdkernels.fused_linear_sparse_divergence with a vocabulary-sharded lm_head (ws, bs: this
+    rank's rows; layout: theirs), hs replicated; the teacher's ids and vocab are global."""
+    lay = layout
+    check_teacher(lp, idx, vocab, row_weight, "vocab_size")
+    store = RowStore(hs.shape[0], hs.device)
+    rows = ShardRows(lay, vocab, group, store)
+    step = SparseShardStep(lp, idx, layout=lay, group=group, store=store, kind=kind, beta=beta,
+                           tail=tail, temperature=temperature,
+                           teacher_temperature=teacher_temperature)
+    return fused_linear(hs, ws, bs, step, rows, dict(
+        row_weight=row_weight, ce_weight=ce_weight, labels=labels, vocab=rows.window,
+        temperature=temperature, **loop))
+
+
+def topk_logprobs(logits, k, *, group, layout, temperature, chunk, logprob_dtype):
+    """kdkernels.topk_logprobs of vocabulary-sharded logits (N, V_r): global ids."""
+    n = logits.shape[0]
+    values, indices = topk_outputs(n, k, logits.device, logprob_dtype)
+    step = TopKShardStep(k, temperature=temperature, layout=layout, group=group, values=values,
+                         indices=indices)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits_loop(logits, step, torch.ones(n, device=logits.device),
+                    chunk=_logits_chunk(chunk, layout, logits.device), grad=False)
+    return values, indices
+
+
+def fused_linear_topk_logprobs(hidden, weight, bias, k, *, group, layout, vocab, logit_scale,
+                               softcap, temperature, chunk, logprob_dtype):
+    """kdkernels.fused_linear_topk_logprobs with a vocabulary-sharded lm_head: global ids."""
+    n = hidden.shape[0]
+    values, indices = topk_outputs(n, k, hidden.device, logprob_dtype)
+    step = TopKShardStep(k, temperature=temperature, layout=layout, group=group, values=values,
+                         indices=indices)
+    ones, zeros = (torch.full((n,), v, device=hidden.device) for v in (1.0, 0.0))
+    rows = ShardRows(layout, vocab, group, RowStore(n, hidden.device))
+    run(hidden, weight, bias, step, ones, zeros, None, vocab=rows.window,
+        temperature=temperature, soft=1.0, hard=0.0, s_scale=logit_scale, s_cap=softcap,
+        chunk=chunk, grad_hidden=False, grad_weight=False, grad_bias=False, entropy=False,
+        weight_grad_fp32=True, vocab_rows=rows)
+    return values, indices
