@@ -69,6 +69,7 @@ class Layout:
         return min(max(vocab - self.offset, 0), self.width)
 
 
+@torch.compiler.disable  # (a collective: eager under torch.compile, as the ops that use it)
 def layout(group, width, device):
     """The Layout of this rank's shard of `width` columns: one all-gather of the widths (the
     op derives the offsets from them; no offset argument)."""

@@ -6,8 +6,8 @@ uneven, shard of the lm_head rows or logits, V = 1271) against the single-proces
 the full vocabulary (float64 the truth, float32 the fp32 formula's own error: the tolerance
 rule of helpers.assert_matches): loss, its components, the hidden-state gradient (all-reduced)
 and this rank's rows of the weight and bias gradients. Also DTensor lm_heads
-(ColwiseParallel), the bytes each rank hands to the collectives against the bounds documented
-in kdkernels/ops/vocab_parallel.py, and bad input."""
+(ColwiseParallel), torch.compile around the ops, the bytes each rank hands to the collectives
+against the bounds documented in kdkernels/ops/vocab_parallel.py, and bad input."""
 import itertools
 import os
 
@@ -280,6 +280,31 @@ def _run_bytes(rank, world, lo, hi):
     assert fwd == {"bytes": 8 + (4 + 16 + 16 * 3) * N, "calls": 4}, fwd
 
 
+def _run_compile(rank, world, lo, hi):
+    """torch.compile of a step that calls the vocabulary-parallel ops: they run eagerly (a
+    graph break at each), the rest compiled; loss and gradients equal eager mode's."""
+    tensors, labels, lp, idx = _tensors(600)
+    group = dist.group.WORLD
+    ht, wt = tensors["ht"], tensors["wt"][lo:hi]
+
+    def step(hs, ws):
+        h = torch.tanh(hs)
+        return (kdkernels.fused_linear_divergence(h, ws, ht, wt, labels=labels, kind="jsd",
+                                                  hard_label_weight=0.3, process_group=group)
+                + kdkernels.divergence(h @ ws.T, ht @ wt.T, temperature=2.0, process_group=group)
+                + kdkernels.fused_linear_sparse_divergence(h, ws, lp, idx, process_group=group))
+
+    results = []
+    for fn in (step, torch.compile(step)):
+        hs = tensors["hs"].clone().requires_grad_(True)
+        ws = tensors["ws"][lo:hi].clone().requires_grad_(True)
+        loss = fn(hs, ws)
+        loss.backward()
+        results.append((loss.detach(), hs.grad, ws.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
 def _run_errors(rank, world, lo, hi):
     tensors, labels, lp, idx = _tensors(500)
     group = dist.group.WORLD
@@ -327,13 +352,16 @@ def _worker(rank, world, port, modes):
                 _run_dtensor(rank, world)
             elif mode == "bytes":
                 _run_bytes(rank, world, lo, hi)
+            elif mode == "compile":
+                _run_compile(rank, world, lo, hi)
             elif mode == "errors":
                 _run_errors(rank, world, lo, hi)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,modes", [(2, ("fused", "sparse", "dtensor", "bytes", "errors")),
+@pytest.mark.parametrize("world,modes", [(2, ("fused", "sparse", "dtensor", "bytes", "compile",
+                                               "errors")),
                                          (3, ("fused", "sparse", "dtensor"))],
                          ids=["world2", "world3"])
 def test_vocab_parallel_ops(world, modes):

@@ -1,7 +1,8 @@
-"""Vocabulary-parallel divergences: each rank holds a contiguous vocabulary shard of both
-logits (kdkernels/_distributed.py: the layout), and only per-row statistics cross ranks.
+"""Vocabulary-parallel ops: each rank holds a contiguous vocabulary shard of the logits or of
+the lm_head rows (kdkernels/_distributed.py: the layout), and only per-row statistics cross
+ranks, by torch.distributed all-reduces on the caller's group, in the forward.
 
-The math (kdkernels/reference/divergence.py has the kinds). With global row maxima M and
+The divergence kinds (kdkernels/reference/divergence.py). With global row maxima M and
 log-normalizers L = log Σ_all e^((x − M)/T) of both sides, a rank's log-probabilities are
 lq = (s − M_s)/T − L_s and lp = (t − M_t)/T − L_t on its own columns, and every kind is a sum of
 per-element terms of (lp, lq) (reference.rows_from_log_probs), so the row's divergence is the
@@ -9,21 +10,35 @@ sum of the ranks' partial sums D_r. Its gradient on this rank's columns is log_s
 backward with the row sums taken over every rank:
     dD/ds_j = (G^q_j − q_j·Σ_all G^q)/T,    dD/dt_j = λ·(G^p_j − p_j·Σ_all G^p)/T
 with G = ∂D/∂(log-probabilities) per element (autograd of the reference's formulas on this
-rank's columns) and λ = 1 without TAID (its target λ·t + (1−λ)·sg(s)).
+rank's columns) and λ = 1 without TAID (its target λ·t + (1−λ)·sg(s)). rows_into computes it
+with three all-reduces over the rows it is given, K of them:
+    1. MAX of (K, 2) in the compute dtype: the row maxima of s and of the target
+    2. SUM of (K, 3) float64: both Σ e^((x − M)/T), and the count of NaN / +inf
+    3. SUM of (K, 3) float64: the partial divergence, Σ G^q and Σ G^p
+56 bytes per row for fp32/bf16/fp16 logits (64 for float64), whatever the vocabulary; row
+sums in float64 (they decide the gradient where G − p·ΣG cancels). NaN rule across ranks: a
+NaN or +inf anywhere in a row, or no distribution, makes the row and its gradient NaN on
+every rank.
 
-Communication per forward, all on the kept rows K only (dropped rows are never read):
-    1. all-reduce MAX of (K, 2) in the compute dtype: the row maxima of s and of the target
-    2. all-reduce SUM of (K, 3) float64: both Σ e^((x − M)/T), and the count of NaN / +inf
-    3. all-reduce SUM of (K, 3) float64: the partial divergence, Σ G^q and Σ G^p
-that is 56·K bytes per rank and call for fp32/bf16/fp16 logits (64·K for float64), whatever
-the vocabulary. The row sums are accumulated in float64 (they decide the gradient where
-G − p·ΣG cancels). Backward communicates nothing (the forward computes the gradient and hands
-it over: _hand_over.py). No rank holds more than its shard of any row.
+Bytes each rank hands to the collectives per call (K kept rows, H hidden size, k top-k):
+    divergence                       56·K (one call of rows_into on every kept row)
+    fused_linear_divergence          8 (the shard widths) + 56·K in three all-reduces per
+                                     chunk of rows; + 44·K in two per chunk with labels
+                                     (cross-entropy) or return_components (entropy); + 4·K·H,
+                                     the hidden-state gradient summed in float32 (in the forward
+                                     with a reduced loss, else in backward)
+    sparse_divergence (and fused)    8 + (4 if T ≠ 1) + 4·(K_t + 1) + 16 per row, three
+                                     all-reduces per chunk (SparseShardStep), + as above
+    topk_logprobs (and fused)        8 + (4 + 16 + 16·k) per row: two all-reduces and one
+                                     all-gather of every rank's k candidates per chunk
+Chunks are the same on every rank (budgeted for the widest shard); the total is O(N) (O(N·k)
+for top-k) whatever the chunking. Backward communicates nothing but the fused ops' hidden-state
+gradient: the forward computes the gradients and hands them over (_hand_over.py), or, with
+reduction='none', records every row statistic (RowStore) for the backward's rerun.
 
-This is the PyTorch-ops form of the vocabulary-parallel path (chunks of rows, the reference's
-formulas): exact, not yet fused. TAID's target (1−λ)·sg(s) + λ·t is formed per element, on
-the shard; the NaN rule holds across ranks (a NaN or +inf anywhere in a row, or no
-distribution, makes the row and its gradient NaN on every rank)."""
+This is the PyTorch-ops form of the path (chunks of rows, the reference's formulas, the
+fused-linear chunk loop of ops/fused_linear.py for the matmuls): exact, not yet a fused
+kernel. Under torch.compile the ops run eagerly (one graph break each)."""
 import torch
 
 from .. import _distributed as D
@@ -34,10 +49,16 @@ from .fused_linear import FullRows, Side, backward_outputs, forward_outputs, run
 from .sparse import (LOGITS_CHUNK_BUDGET, check_teacher, entry_math, logits_loop,
                      topk_lower_index, topk_outputs)
 
+# The vocabulary-parallel ops run eagerly under torch.compile: one graph break at each
+# (Dynamo does not trace into them; their collectives and data-dependent row selection run as
+# in eager mode), the rest of the caller's graph compiled around them.
+_eager = torch.compiler.disable
+
 # Elements per chunk of rows and columns held at once (per intermediate; a few are alive).
 CHUNK_ELEMENTS = 1 << 20
 
 
+@_eager
 def divergence(student, teacher, weight, kept, *, group, kind, temperature, beta, skew, taid_t,
                reduce):
     """Σ_i w_i·D_i (reduce) or w_i·D_i per row, D the divergence of the full-vocabulary rows
@@ -364,6 +385,7 @@ class _FusedLinear(torch.autograd.Function):
             (None,) * 4
 
 
+@_eager
 def fused_linear_divergence(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, group,
                             vocab_size, kind, beta, skew, temperature, taid_t, t_scale, t_cap,
                             **loop):
@@ -529,6 +551,7 @@ def _logits_chunk(chunk, lay, device):
     return chunk or max(1, budget // (4 * max(max(lay.widths), 1)))
 
 
+@_eager
 def sparse_divergence(student, lp, idx, row_weight, *, group, layout, chunk, reduce, **math):
     """kdkernels.sparse_divergence of vocabulary-sharded student logits (N, V_r), the teacher's
     (N, K) entries with global ids; SparseShardStep per chunk, gradient handed over."""
@@ -557,6 +580,7 @@ class _SparseLogits(torch.autograd.Function):
         return (scale(g, grad_loss, ctx.reduce, ctx.dtype),) + (None,) * 5
 
 
+@_eager
 def fused_linear_sparse_divergence(hs, ws, bs, lp, idx, row_weight, ce_weight, labels, *, group,
                                    layout, vocab, kind, beta, tail, temperature,
                                    teacher_temperature, **loop):
@@ -574,6 +598,7 @@ def fused_linear_sparse_divergence(hs, ws, bs, lp, idx, row_weight, ce_weight, l
         temperature=temperature, **loop))
 
 
+@_eager
 def topk_logprobs(logits, k, *, group, layout, temperature, chunk, logprob_dtype):
     """kdkernels.topk_logprobs of vocabulary-sharded logits (N, V_r): global ids."""
     n = logits.shape[0]
@@ -586,6 +611,7 @@ def topk_logprobs(logits, k, *, group, layout, temperature, chunk, logprob_dtype
     return values, indices
 
 
+@_eager
 def fused_linear_topk_logprobs(hidden, weight, bias, k, *, group, layout, vocab, logit_scale,
                                softcap, temperature, chunk, logprob_dtype):
     """kdkernels.fused_linear_topk_logprobs with a vocabulary-sharded lm_head: global ids."""
