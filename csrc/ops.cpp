@@ -24,6 +24,12 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def("divergence_rows_out(Tensor student, Tensor teacher, Tensor row_weight, int div_mode, "
         "bool swap, float mix, float temperature, float taid, Tensor(a!) loss_rows, "
         "Tensor(b!)? grad_student, Tensor(c!)? grad_teacher) -> ()");
+  // The row kernel's passes split at the all-reduces of the vocabulary-parallel path, on this
+  // rank's shard (csrc/cpu/divergence.h: the phases and the stats columns;
+  // kdkernels/ops/vocab_parallel.py runs them).
+  m.def("divergence_shard_rows(Tensor student, Tensor teacher, Tensor row_weight, int div_mode, "
+        "bool swap, float mix, float temperature, float taid, int phase, Tensor(a!) stats, "
+        "Tensor(b!)? grad_student, Tensor(c!)? grad_teacher) -> ()");
   // See kdkernels/ops/mixing_matrix.py.
   m.def("mixing_matrix_fwd(Tensor q, Tensor k, Tensor C, Tensor B, Tensor log_decay, Tensor? D, "
         "float scale, bool squared, Tensor? teacher_lse) -> (Tensor, Tensor, Tensor)");

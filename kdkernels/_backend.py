@@ -21,7 +21,7 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_importable():
+def triton_importable():
     try:
         import triton  # noqa: F401, PLC0415
         return True
@@ -45,12 +45,12 @@ def resolve_backend(backend, device, dtypes, *, family="divergence"):
         if any(d == torch.float64 for d in dtypes):
             return "reference"
         if device.type == "cuda" and family is None:
-            return "triton" if _triton_importable() else "cuda"
+            return "triton" if triton_importable() else "cuda"
         if device.type == "cpu" and family is None:
             return "cpu"
         if device.type == "cuda":
             cuda_built = _extension.native_available(family, "CUDA")
-            if cuda_built and (CUDA_BACKEND_VERIFIED or not _triton_importable()):
+            if cuda_built and (CUDA_BACKEND_VERIFIED or not triton_importable()):
                 return "cuda"
             backend = "triton"  # checked below: triton must be importable
         elif device.type == "cpu":

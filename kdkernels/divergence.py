@@ -37,8 +37,9 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
             tensors are this rank's contiguous shard of the vocabulary (shards in rank order,
             any sizes, the same on both sides); everything else is the same on every rank.
             The result is the loss of the full rows, on every rank; gradients reach the
-            shards. Only per-row statistics are exchanged (kdkernels/ops/vocab_parallel.py);
-            backend "auto" or "reference" (the PyTorch-ops form; no fused kernel yet).
+            shards. Only per-row statistics are exchanged (kdkernels/ops/vocab_parallel.py):
+            backend "cpu" and "triton" run the row kernels split at the all-reduces ("cuda"
+            runs Triton's), "reference" PyTorch ops; "auto" as without a group.
             DTensor logits sharded Shard(-1) on a 1-D mesh take this path with the mesh's
             group (no process_group needed); Replicate() ones the ordinary one.
 
@@ -61,14 +62,15 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
     fp64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
     if process_group is not None:
         group = _distributed.check_group(process_group)
-        P.check_choice("backend (with process_group)", backend, ("auto", "reference"))
+        rows_backend = vocab_parallel.row_backend(backend, device, (student_logits.dtype,
+                                                                    teacher_logits.dtype))
         weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,
                                reduction=reduction, num_items=num_items, device=device,
                                dtype=torch.float64 if fp64 else torch.float32)
         loss = vocab_parallel.divergence(
             P.as_rows(student_logits), P.as_rows(teacher_logits), weight, kept, group=group,
             kind=kind, temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
-            reduce=reduction != "none")
+            reduce=reduction != "none", backend=rows_backend)
         return loss if reduction != "none" else loss.reshape(lead_shape)
     backend = _backend.resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
     weight = P.row_weights(n_rows, kept, scale=temperature ** 2 if t2_scale else 1.0,

@@ -57,9 +57,10 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
             (the column-parallel input); vocab_size counts global columns. The loss is the
             loss of the full vocabulary on every rank; the hidden-state gradient is
             all-reduced, the weight gradient stays on its shard (kdkernels/ops/vocab_parallel.py:
-            what is exchanged). Backend "auto" only (the PyTorch-ops row step). DTensor
-            weights sharded Shard(0) on a 1-D mesh take this path with the mesh's group;
-            DTensor hidden states must be Replicate().
+            what is exchanged); float32/bf16/fp16. backend: the row step's kernels, as in
+            kdkernels.divergence with a process_group ("reference": PyTorch ops, in the
+            chunk loop all the same). DTensor weights sharded Shard(0) on a 1-D mesh take this
+            path with the mesh's group; DTensor hidden states must be Replicate().
 
     Gradients reach student_hidden, student_weight and student_bias; the teacher side is a
     constant (no gradient, whether or not its tensors require grad). Returns a float32 loss
@@ -100,8 +101,10 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     chunk = P.check_chunk_size(chunk_size)  # 0: the op's memory budget (default_chunk)
     if process_group is not None:
         group = _distributed.check_group(process_group)
-        P.check_choice("backend (with process_group)", backend, ("auto",))
-        backend = "auto"
+        if torch.float64 in (hs.dtype, ht.dtype):
+            raise TypeError("fused_linear_divergence with process_group takes float32, bfloat16 "
+                            "or float16 hidden states and weights, got float64")
+        backend = vocab_parallel.row_backend(backend, device, (hs.dtype, ht.dtype))
     else:
         backend = _backend.resolve_backend(backend, device, (hs.dtype, ht.dtype))
     fp64 = backend == "reference" and torch.float64 in (hs.dtype, ht.dtype)
@@ -116,7 +119,8 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         loss, div, ce, entropy = vocab_parallel.fused_linear_divergence(
             hs2, ws, student_bias, ht2, wt, teacher_bias, row_weight, ce_weight, flat_labels,
             group=group, vocab_size=vocab_size, kind=kind, beta=beta, skew=skew,
-            temperature=temperature, taid_t=taid_t, t_scale=t_scale, t_cap=t_cap, soft=soft,
+            temperature=temperature, taid_t=taid_t, t_scale=t_scale, t_cap=t_cap,
+            backend=backend, soft=soft,
             hard=hard, s_scale=s_scale, s_cap=s_cap, chunk=chunk, reduce=reduction != "none",
             entropy=return_components, weight_grad_fp32=weight_grad_fp32)
     elif backend == "reference":

@@ -65,7 +65,7 @@ def _row_args(which, n, g):
     return {"mask": torch.zeros(n, dtype=torch.bool)}
 
 
-def _check(rank, world, lo, hi, case, dtype, seed, extreme=False):
+def _check(rank, world, lo, hi, case, dtype, seed, extreme=False, backend="auto"):
     n = 6
     s_full, t_full = _logits(seed, n, dtype, extreme)
     g = torch.Generator().manual_seed(seed + 1)
@@ -81,9 +81,9 @@ def _check(rank, world, lo, hi, case, dtype, seed, extreme=False):
         refs[ref_dtype] = (loss.detach(), s.grad[:, lo:hi], t.grad[:, lo:hi])
     s = s_full[:, lo:hi].clone().requires_grad_(True)
     t = t_full[:, lo:hi].clone().requires_grad_(True)
-    loss = kdkernels.divergence(s, t, process_group=dist.group.WORLD, **kwargs)
+    loss = kdkernels.divergence(s, t, process_group=dist.group.WORLD, backend=backend, **kwargs)
     loss.sum().backward() if loss.dim() else loss.backward()
-    what = f"rank {rank}/{world} {dtype} {kwargs}"
+    what = f"rank {rank}/{world} {backend} {dtype} {kwargs}"
     out = torch.float64 if dtype == torch.float64 else torch.float32
     for got, r64, r32, name in ((loss.detach(), *[r[0] for r in refs.values()], "loss"),
                                 (s.grad, *[r[1] for r in refs.values()], "student grad"),
@@ -111,9 +111,12 @@ def _worker(rank, world, port, modes):
 
 def _run(rank, world, mode):
     lo, hi = _shard_bounds(world)[rank]
-    if mode == "matrix":
+    if mode.startswith("matrix"):
         # Every (kind, temperature, option) with 4 of the 12 (rows, reduction) pairs,
-        # rotating, so that each pair meets every kind.
+        # rotating, so that each pair meets every kind; on one backend of the sharded rows
+        # ("cpu": the C++ row kernel's split passes, "triton": the Triton sweeps split
+        # likewise, interpreted; "reference": the PyTorch-ops form).
+        backend = mode.split("-")[1]
         pairs = list(itertools.product(ROW_SETS, REDUCTIONS))
         seed = 0
         for c, (case, options) in enumerate(itertools.product(CASES, OPTIONS)):
@@ -121,42 +124,53 @@ def _run(rank, world, mode):
                 continue
             if "skew" in options and not case["kind"].startswith("skew"):
                 continue
-            for rows, reduction in (pairs[(5 * c + i) % len(pairs)] for i in range(4)):
+            # (the interpreted Triton kernels: one pair per case, which still meets every pair)
+            per_case = 1 if backend == "triton" else 4
+            for rows, reduction in (pairs[(5 * c + i) % len(pairs)] for i in range(per_case)):
                 seed += 1
                 _check(rank, world, lo, hi, {**case, **options, "rows": rows,
-                                             "reduction": reduction}, torch.float32, seed)
+                                             "reduction": reduction}, torch.float32, seed,
+                       backend=backend)
     elif mode == "edges":
         for kind in kdkernels.KINDS:
             _check(rank, world, lo, hi, dict(kind=kind, temperature=2.0, rows="all"),
                    torch.float64, 7, extreme=True)
-            for dtype in (torch.bfloat16, torch.float16):
-                _check(rank, world, lo, hi, dict(kind=kind, temperature=2.0, rows="labels",
-                                                 reduction="none"), dtype, 8)
+            for backend in ("cpu", "reference"):
+                _check(rank, world, lo, hi, dict(kind=kind, temperature=2.0, rows="all"),
+                       torch.float32, 7, extreme=True, backend=backend)
+                for dtype in (torch.bfloat16, torch.float16):
+                    _check(rank, world, lo, hi, dict(kind=kind, temperature=2.0, rows="labels",
+                                                     reduction="none"), dtype, 8,
+                           backend=backend)
         # The NaN rule across ranks: a NaN on one rank's shard makes the row NaN everywhere.
         s, t = _logits(9, 4, torch.float32)
         s[1, V - 1] = float("nan")  # on the last rank's shard
         t[3, 0] = float("inf")      # on the first rank's
-        out = kdkernels.divergence(s[:, lo:hi].requires_grad_(True), t[:, lo:hi],
-                                   process_group=dist.group.WORLD, reduction="none")
-        assert torch.isnan(out).tolist() == [False, True, False, True], out
+        for backend in ("cpu", "reference"):
+            out = kdkernels.divergence(s[:, lo:hi].requires_grad_(True), t[:, lo:hi],
+                                       process_group=dist.group.WORLD, reduction="none",
+                                       backend=backend)
+            assert torch.isnan(out).tolist() == [False, True, False, True], (backend, out)
     elif mode == "dtensor":
         _check_dtensor(world)
     elif mode == "bytes":
         s, t = _logits(10, 16, torch.float32)
         mask = torch.arange(16) % 4 != 0  # 12 kept rows
-        _distributed.TRAFFIC.update(bytes=0, calls=0)
-        loss = kdkernels.divergence(s[:, lo:hi].requires_grad_(True), t[:, lo:hi],
-                                    kind="jsd", mask=mask, process_group=dist.group.WORLD)
-        forward = dict(_distributed.TRAFFIC)
-        loss.backward()
-        # The documented bound: all-reduces of (K, 2) fp32, (K, 3) and (K, 3) float64, K kept rows;
-        # backward none.
-        assert forward == {"bytes": 56 * 12, "calls": 3}, forward
-        assert _distributed.TRAFFIC == forward, "backward communicated"
+        for backend in ("cpu", "reference"):
+            _distributed.TRAFFIC.update(bytes=0, calls=0)
+            loss = kdkernels.divergence(s[:, lo:hi].requires_grad_(True), t[:, lo:hi],
+                                        kind="jsd", mask=mask, process_group=dist.group.WORLD,
+                                        backend=backend)
+            forward = dict(_distributed.TRAFFIC)
+            loss.backward()
+            # The documented bound: all-reduces of (K, 2) fp32, (K, 3) and (K, 3) float64,
+            # K kept rows; backward none.
+            assert forward == {"bytes": 56 * 12, "calls": 3}, (backend, forward)
+            assert _distributed.TRAFFIC == forward, "backward communicated"
     elif mode == "errors":
         s, t = _logits(11, 2, torch.float32)
-        with pytest.raises(ValueError, match="backend"):
-            kdkernels.divergence(s[:, lo:hi], t[:, lo:hi], backend="cpu",
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            kdkernels.divergence(s[:, lo:hi], t[:, lo:hi], backend="cuda",
                                  process_group=dist.group.WORLD)
         with pytest.raises(TypeError, match="process_group"):
             kdkernels.divergence(s[:, lo:hi], t[:, lo:hi], process_group="world")
@@ -223,8 +237,9 @@ def _check_dtensor(world):
 # option against the full rows, "edges" extreme values, 16-bit inputs and the NaN rule across
 # ranks, "dtensor" DTensor logits and a column-parallel lm_head, "bytes" the bytes per call
 # against the documented bound, "errors" bad input.
-@pytest.mark.parametrize("world,modes", [(2, ("matrix", "edges", "dtensor", "bytes", "errors")),
-                                         (3, ("matrix", "edges", "dtensor"))],
+@pytest.mark.parametrize("world,modes", [(2, ("matrix-cpu", "matrix-reference", "matrix-triton",
+                                               "edges", "dtensor", "bytes", "errors")),
+                                         (3, ("matrix-cpu", "edges", "dtensor"))],
                          ids=["world2", "world3"])
 def test_vocab_parallel_divergence(world, modes):
     mp.spawn(_worker, args=(world, _free_port(), modes), nprocs=world, join=True)

@@ -83,7 +83,7 @@ def _check_fused(rank, lo, hi, fn, kwargs, dtype, seed, teacher=True):
     if not teacher:
         kwargs["teacher"] = (lp, idx)
     refs = {}
-    for ref_dtype in (torch.float64, torch.float32):
+    for ref_dtype in (torch.float64, torch.float32):  # (backend: the reference's own)
         t = {k: v.to(ref_dtype) for k, v in tensors.items()}
         refs[ref_dtype] = _fused_call(fn, t, lo, hi, False, dict(kwargs, backend="reference"),
                                       teacher)
@@ -102,14 +102,20 @@ FUSED_OPTIONS = [dict(), dict(labels=True, hard_label_weight=0.4), dict(student_
 
 
 def _run_fused(rank, world, lo, hi):
+    # The row step on the C++ split kernels and on the PyTorch-ops form, every case; on the
+    # interpreted Triton kernels, one option set per kind.
     seed = 100
-    for (kind, temperature), options in itertools.product(
-            itertools.product(kdkernels.KINDS, (1.0, 2.0)), FUSED_OPTIONS):
+    for (kind, temperature), (o, options) in itertools.product(
+            itertools.product(kdkernels.KINDS, (1.0, 2.0)), enumerate(FUSED_OPTIONS)):
         seed += 1
         if "taid_t" in options and kind == "tvd":
             options = {k: v for k, v in options.items() if k != "taid_t"}
-        _check_fused(rank, lo, hi, kdkernels.fused_linear_divergence,
-                     dict(kind=kind, temperature=temperature, **options), torch.float32, seed)
+        triton = temperature == 2.0 and o == kdkernels.KINDS.index(kind) % len(FUSED_OPTIONS)
+        backends = ("cpu", "reference") + (("triton",) if triton else ())
+        for backend in backends:
+            _check_fused(rank, lo, hi, kdkernels.fused_linear_divergence,
+                         dict(kind=kind, temperature=temperature, backend=backend, **options),
+                         torch.float32, seed)
     for kind in ("fkl", "jsd"):  # 16-bit hidden states and heads
         _check_fused(rank, lo, hi, kdkernels.fused_linear_divergence,
                      dict(kind=kind, labels=True, hard_label_weight=0.2), torch.bfloat16, 7)
@@ -312,9 +318,12 @@ def _run_errors(rank, world, lo, hi):
     with pytest.raises(ValueError, match="same vocabulary rows"):
         kdkernels.fused_linear_divergence(hs, ws[lo:hi], ht, wt[lo:hi + 1] if rank == 0
                                           else wt[lo:hi - 1], process_group=group)
-    with pytest.raises(ValueError, match="backend"):
-        kdkernels.fused_linear_divergence(hs, ws[lo:hi], ht, wt[lo:hi], backend="cpu",
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        kdkernels.fused_linear_divergence(hs, ws[lo:hi], ht, wt[lo:hi], backend="cuda",
                                           process_group=group)
+    with pytest.raises(TypeError, match="float64"):
+        kdkernels.fused_linear_divergence(hs.double(), ws[lo:hi].double(), ht.double(),
+                                          wt[lo:hi].double(), process_group=group)
     with pytest.raises(ValueError, match="vocab_size"):
         kdkernels.fused_linear_divergence(hs, ws[lo:hi], ht, wt[lo:hi], vocab_size=V + 1,
                                           process_group=group)

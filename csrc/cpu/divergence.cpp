@@ -37,6 +37,14 @@ DivergenceRowsFn pick_rows_fn() {
   return fn;
 }
 
+DivergenceShardRowsFn pick_shard_rows_fn() {  // the instruction set pick_rows_fn chose
+  static const DivergenceShardRowsFn fn =
+      pick_rows_fn() == divergence_rows_avx512 ? divergence_shard_rows_avx512
+      : pick_rows_fn() == divergence_rows_avx2 ? divergence_shard_rows_avx2
+                                               : divergence_shard_rows_default;
+  return fn;
+}
+
 // Large outputs (the gradients) on transparent huge pages where the kernel offers them: a fresh
 // 256 MiB gradient then costs ~130 page faults instead of ~65k (measured: 60 ms → 11 ms to
 // first-touch N=2048 × V=32000 fp32 on the 2-core dev machine). Small ones: the usual allocator.
@@ -75,28 +83,22 @@ void check_grad_buffer(const at::Tensor& g, const at::Tensor& input, const char*
               ", got ", g.sizes(), " ", g.scalar_type());
 }
 
-}  // namespace
-
-void divergence_rows_into(const at::Tensor& student, const at::Tensor& teacher,
-                          const at::Tensor& row_weight, int64_t mode, bool swap, double mix,
-                          double temperature, double taid, at::Tensor& loss_rows,
-                          const std::optional<at::Tensor>& grad_student,
-                          const std::optional<at::Tensor>& grad_teacher) {
+// The params of one call on (N, V) logits (shared by the row kernel and its sharded form).
+DivergenceParams divergence_params(const at::Tensor& student, const at::Tensor& teacher,
+                                   const at::Tensor& w, int64_t mode, bool swap, double mix,
+                                   double temperature, double taid,
+                                   const std::optional<at::Tensor>& grad_student,
+                                   const std::optional<at::Tensor>& grad_teacher) {
   check_logits(student, "student");
   check_logits(teacher, "teacher");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "kdkernels.divergence_fwd: shapes differ");
   TORCH_CHECK(mode >= kKL && mode <= kTVD, "kdkernels.divergence_fwd: unknown mode ", mode);
   const int64_t n = student.size(0), v = student.size(1);
-  const at::Tensor w = row_weight.to(at::kFloat).contiguous();
   TORCH_CHECK(w.dim() == 1 && w.size(0) == n, "kdkernels.divergence_fwd: row_weight must be (N,)");
-  TORCH_CHECK(loss_rows.device().is_cpu() && loss_rows.scalar_type() == at::kFloat &&
-                  loss_rows.dim() == 1 && loss_rows.size(0) == n && loss_rows.is_contiguous(),
-              "kdkernels.divergence_rows_out (cpu): loss_rows must be a contiguous float32 (N,)");
   const bool gs = grad_student.has_value() && grad_student->defined();
   const bool gt = grad_teacher.has_value() && grad_teacher->defined();
   if (gs) check_grad_buffer(*grad_student, student, "grad_student");
   if (gt) check_grad_buffer(*grad_teacher, teacher, "grad_teacher");
-
   DivergenceParams p{};
   p.student = student.data_ptr();
   p.teacher = teacher.data_ptr();
@@ -109,16 +111,58 @@ void divergence_rows_into(const at::Tensor& student, const at::Tensor& teacher,
   p.grad_student_dtype = grad_dtype(student.scalar_type());
   p.grad_teacher_dtype = grad_dtype(teacher.scalar_type());
   p.row_weight = w.data_ptr<float>();
-  p.loss_rows = loss_rows.data_ptr<float>();
   p.n_rows = n;
   p.vocab = v;
   fill_divergence_scalars(p, mode, swap, mix, temperature, taid);
+  return p;
+}
 
+int64_t grain_for(int64_t n) {  // a few rows per task: each task allocates its scratch once
+  return std::max<int64_t>(1, std::min<int64_t>(16, n / (4 * at::get_num_threads() + 1)));
+}
+
+}  // namespace
+
+void divergence_rows_into(const at::Tensor& student, const at::Tensor& teacher,
+                          const at::Tensor& row_weight, int64_t mode, bool swap, double mix,
+                          double temperature, double taid, at::Tensor& loss_rows,
+                          const std::optional<at::Tensor>& grad_student,
+                          const std::optional<at::Tensor>& grad_teacher) {
+  const at::Tensor w = row_weight.to(at::kFloat).contiguous();
+  DivergenceParams p = divergence_params(student, teacher, w, mode, swap, mix, temperature, taid,
+                                         grad_student, grad_teacher);
+  const int64_t n = p.n_rows;
+  TORCH_CHECK(loss_rows.device().is_cpu() && loss_rows.scalar_type() == at::kFloat &&
+                  loss_rows.dim() == 1 && loss_rows.size(0) == n && loss_rows.is_contiguous(),
+              "kdkernels.divergence_rows_out (cpu): loss_rows must be a contiguous float32 (N,)");
+  p.loss_rows = loss_rows.data_ptr<float>();
   if (n > 0) {
     const DivergenceRowsFn rows_fn = pick_rows_fn();
-    // A few rows per task: each task allocates its own row scratch once.
-    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, n / (4 * at::get_num_threads() + 1)));
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { rows_fn(p, b, e); });
+    at::parallel_for(0, n, grain_for(n), [&](int64_t b, int64_t e) { rows_fn(p, b, e); });
+  }
+}
+
+void divergence_shard_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                               const at::Tensor& row_weight, int64_t mode, bool swap, double mix,
+                               double temperature, double taid, int64_t phase, at::Tensor stats,
+                               const std::optional<at::Tensor>& grad_student,
+                               const std::optional<at::Tensor>& grad_teacher) {
+  const at::Tensor w = row_weight.to(at::kFloat).contiguous();
+  DivergenceParams p = divergence_params(student, teacher, w, mode, swap, mix, temperature, taid,
+                                         phase == kShardGrads ? grad_student : std::nullopt,
+                                         phase == kShardGrads ? grad_teacher : std::nullopt);
+  const int64_t n = p.n_rows;
+  TORCH_CHECK(phase >= kShardLocal && phase <= kShardGrads,
+              "kdkernels.divergence_shard_rows: unknown phase ", phase);
+  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kDouble &&
+                  stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == n &&
+                  stats.size(1) == kShardStats,
+              "kdkernels.divergence_shard_rows (cpu): stats must be a contiguous float64 (N, ",
+              kShardStats, "), got ", stats.sizes());
+  double* st = stats.data_ptr<double>();
+  if (n > 0) {
+    const DivergenceShardRowsFn fn = pick_shard_rows_fn();
+    at::parallel_for(0, n, grain_for(n), [&](int64_t b, int64_t e) { fn(p, phase, st, b, e); });
   }
 }
 
@@ -154,6 +198,7 @@ void divergence_rows_out_cpu(const at::Tensor& student, const at::Tensor& teache
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("divergence_fwd", &divergence_fwd_cpu);
   m.impl("divergence_rows_out", &divergence_rows_out_cpu);
+  m.impl("divergence_shard_rows", &divergence_shard_rows_cpu);
 }
 
 }  // namespace kdkernels::cpu

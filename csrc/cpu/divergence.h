@@ -40,6 +40,25 @@ inline c10::ScalarType grad_dtype(c10::ScalarType input) {
 
 using DivergenceRowsFn = void (*)(const DivergenceParams&, int64_t row_begin, int64_t row_end);
 
+// The vocabulary-parallel form (kdkernels/ops/vocab_parallel.py): the row kernel's passes split
+// where the ranks' statistics are summed; logits are this rank's vocabulary shard. stats is
+// (n_rows, kShardStats) float64, in (student, teacher) order for the first four columns:
+//   [m_s, m_t, z_s, z_t, loss, ΣU_P, ΣU_Q]
+// kShardLocal  writes m (this shard's row maxima) and z = Σ e^((x − m)/T) per side
+// kShardTerms  reads m = the global row maxima (0 for none) and z = log of the global
+//              normalizers (NaN: no distribution), writes this shard's unweighted loss and
+//              ΣU_P, ΣU_Q (the U of divergence_kernel.h)
+// kShardGrads  reads all seven (the sums over every shard) and writes the gradients,
+//              c·w·(U − P·ΣU) × d(logits/T)/d(logits), as divergence_rows_into does.
+// Dropped rows (weight 0) are never read: m = −inf, z = 0, sums 0, zero gradients.
+enum DivergenceShardPhase : int64_t { kShardLocal = 0, kShardTerms = 1, kShardGrads = 2 };
+constexpr int64_t kShardStats = 7;
+using DivergenceShardRowsFn = void (*)(const DivergenceParams&, int64_t phase, double* stats,
+                                       int64_t row_begin, int64_t row_end);
+void divergence_shard_rows_default(const DivergenceParams&, int64_t, double*, int64_t, int64_t);
+void divergence_shard_rows_avx2(const DivergenceParams&, int64_t, double*, int64_t, int64_t);
+void divergence_shard_rows_avx512(const DivergenceParams&, int64_t, double*, int64_t, int64_t);
+
 void divergence_rows_default(const DivergenceParams&, int64_t, int64_t);
 void divergence_rows_avx2(const DivergenceParams&, int64_t, int64_t);
 void divergence_rows_avx512(const DivergenceParams&, int64_t, int64_t);

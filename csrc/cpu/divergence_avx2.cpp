@@ -27,10 +27,15 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define KD_ROWS_FN divergence_rows_avx2
+#define KD_SHARD_ROWS_FN divergence_shard_rows_avx2
 #include "divergence_kernel.h"
 #else
 #include "divergence.h"
 namespace kdkernels::cpu {
 void divergence_rows_avx2(const DivergenceParams& p, int64_t b, int64_t e) { divergence_rows_default(p, b, e); }
+void divergence_shard_rows_avx2(const DivergenceParams& p, int64_t phase, double* st, int64_t b,
+                          int64_t e) {
+  divergence_shard_rows_default(p, phase, st, b, e);
+}
 }  // namespace kdkernels::cpu
 #endif

@@ -356,7 +356,120 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
 #endif
 }
 
+// The vocabulary-parallel form: the passes above split where the ranks' row statistics are
+// summed (divergence.h: DivergenceShardPhase; kdkernels/ops/vocab_parallel.py runs the
+// all-reduces between the phases). Each phase reads its rows from memory once.
+template <int64_t kMode>
+void shard_rows_mode(const DivergenceParams& p, int64_t phase, double* stats, int64_t begin,
+                     int64_t end) {
+  const int64_t V = p.vocab, Vp = (V + kW - 1) / kW * kW;
+  std::vector<float> scratch(4 * Vp, 0.f);
+  float *X = scratch.data(), *Y = X + Vp, *EX = Y + Vp, *EY = EX + Vp;
+  const bool grad_s = p.grad_student != nullptr, grad_t = p.grad_teacher != nullptr;
+  const bool need_p = p.swap ? grad_s : grad_t, need_q = p.swap ? grad_t : grad_s;
+  const float log_w = std::log(p.mix), log_1mw = std::log1p(-p.mix);
+  const float inv_t = 1.f / p.temperature;
+  for (int64_t i = begin; i < end; ++i) {
+    double* st = stats + i * kShardStats;
+    const float w = p.row_weight[i];
+    if (w == 0.f) {  // dropped row: never read
+      if (phase == kShardLocal) {
+        st[0] = st[1] = -std::numeric_limits<double>::infinity();
+        st[2] = st[3] = 0.0;
+      } else if (phase == kShardTerms) {
+        st[4] = st[5] = st[6] = 0.0;
+      } else {
+        if (grad_s) zero_row_any(p.grad_student_dtype, p.grad_student, i, V);
+        if (grad_t) zero_row_any(p.grad_teacher_dtype, p.grad_teacher, i, V);
+      }
+      continue;
+    }
+    // The rows in fp32 (TAID's target formed), X the P side, Y the Q side, padded with −inf.
+    float* student_row = p.swap ? X : Y;
+    float* teacher_row = p.swap ? Y : X;
+    const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, student_row);
+    const float* t_in = row_as_float(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, teacher_row);
+    Vec ms(kNegInf), mt(kNegInf);
+    for (int64_t j = 0; j < Vp; j += kW) {
+      Vec s = load_padded(s_in, j, V), t = load_padded(t_in, j, V);
+      if (p.taid) t = p.lam == 0.f ? s : Vec(p.lam) * t + Vec(1.f - p.lam) * s;
+      s.store(student_row + j);
+      t.store(teacher_row + j);
+      ms = at::vec::maximum(ms, s);
+      mt = at::vec::maximum(mt, t);
+    }
+    if (phase == kShardLocal) {  // this shard's maxima and Σ e^((x − max)/T), per side
+      auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
+      const float max_s = at::vec::vec_reduce_all<float>(vmax, ms);
+      const float max_t = at::vec::vec_reduce_all<float>(vmax, mt);
+      const float shift_s = max_s == kNegInf ? 0.f : max_s, shift_t = max_t == kNegInf ? 0.f : max_t;
+      Vec zs(0.f), zt(0.f);
+      for (int64_t j = 0; j < Vp; j += kW) {
+        zs = zs + ((Vec::loadu(student_row + j) - Vec(shift_s)) * Vec(inv_t)).exp();
+        zt = zt + ((Vec::loadu(teacher_row + j) - Vec(shift_t)) * Vec(inv_t)).exp();
+      }
+      st[0] = max_s;
+      st[1] = max_t;
+      st[2] = reduce_sum(zs);
+      st[3] = reduce_sum(zt);
+      continue;
+    }
+    // Phases 1 and 2: the global shifts and log-normalizers (NaN: no distribution).
+    const float sx = static_cast<float>(p.swap ? st[0] : st[1]);
+    const float sy = static_cast<float>(p.swap ? st[1] : st[0]);
+    const float lse_x = static_cast<float>(p.swap ? st[2] : st[3]);
+    const float lse_y = static_cast<float>(p.swap ? st[3] : st[2]);
+    const float inv_zx = std::exp(-lse_x), inv_zy = std::exp(-lse_y);
+    for (int64_t j = 0; j < Vp; j += kW) {
+      const Vec x = (Vec::loadu(X + j) - Vec(sx)) * Vec(inv_t);
+      const Vec y = (Vec::loadu(Y + j) - Vec(sy)) * Vec(inv_t);
+      x.store(X + j);
+      y.store(Y + j);
+      x.exp().store(EX + j);
+      y.exp().store(EY + j);
+    }
+    Vec acc_el(0.f), acc_up(0.f), acc_uq(0.f);
+    const float q_factor = w * (p.swap ? p.gt_factor : p.gs_factor);
+    const float p_factor = w * (p.swap ? p.gs_factor : p.gt_factor);
+    const float cp = p.c_p * p_factor, cq = p.c_q * q_factor;
+    const float sum_up = static_cast<float>(st[5]), sum_uq = static_cast<float>(st[6]);
+    for (int64_t j = 0; j < Vp; j += kW) {
+      const Terms r = terms<kMode>(Vec::loadu(X + j), Vec::loadu(Y + j), Vec::loadu(EX + j),
+                                   Vec::loadu(EY + j), lse_x, lse_y, inv_zx, inv_zy, p.mix,
+                                   log_w, log_1mw);
+      if (phase == kShardTerms) {
+        acc_el = acc_el + r.el;
+        acc_up = acc_up + r.up;
+        acc_uq = acc_uq + r.uq;
+      } else {  // the gradients, with the row sums of every shard; in place of EX / EY
+        if (need_p) (Vec(cp) * (r.up - r.p * Vec(sum_up))).store(EX + j);
+        if (need_q) (Vec(cq) * (r.uq - r.q * Vec(sum_uq))).store(EY + j);
+      }
+    }
+    if (phase == kShardTerms) {
+      st[4] = reduce_sum(acc_el);
+      st[5] = reduce_sum(acc_up);
+      st[6] = reduce_sum(acc_uq);
+      continue;
+    }
+    if (need_p) store_row_any(p.swap ? p.grad_student_dtype : p.grad_teacher_dtype,
+                              p.swap ? p.grad_student : p.grad_teacher, i, V, EX);
+    if (need_q) store_row_any(p.swap ? p.grad_teacher_dtype : p.grad_student_dtype,
+                              p.swap ? p.grad_teacher : p.grad_student, i, V, EY);
+  }
+}
+
 }  // namespace
+
+void KD_SHARD_ROWS_FN(const DivergenceParams& p, int64_t phase, double* stats, int64_t begin,
+                      int64_t end) {
+  switch (p.mode) {
+    case kKL: return shard_rows_mode<kKL>(p, phase, stats, begin, end);
+    case kSkew: return shard_rows_mode<kSkew>(p, phase, stats, begin, end);
+    case kJSD: return shard_rows_mode<kJSD>(p, phase, stats, begin, end);
+    default: return shard_rows_mode<kTVD>(p, phase, stats, begin, end);
+  }
+}
 
 void KD_ROWS_FN(const DivergenceParams& p, int64_t begin, int64_t end) {
   switch (p.mode) {

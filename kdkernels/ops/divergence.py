@@ -3,6 +3,8 @@
     kdkernels::divergence_fwd          C++ op (csrc/ops.cpp): CPU kernel in csrc/cpu/divergence.cpp
     kdkernels::divergence_fwd_triton   Triton kernels in kdkernels/triton_kernels/divergence.py
     kdkernels::divergence_rows_out     C++ op: the same rows into the caller's buffers (CPU, CUDA)
+    kdkernels::divergence_shard_rows   C++ op: the rows' passes split for the vocabulary-parallel
+                                       path (CPU; Triton's twin in triton_kernels/divergence.py)
     rows_into                          the row launcher of every backend, for the ops built on
                                        these kernels (fused linear + divergence, ...)
 
@@ -95,6 +97,22 @@ def rows_into(backend, student, teacher, row_weight, mode, swap, mix, temperatur
         divergence_rows(*args)
     else:
         torch.ops.kdkernels.divergence_rows_out(*args)
+
+
+def shard_rows(backend, student, teacher, row_weight, mode, swap, mix, temperature, taid, phase,
+               stats, grad_student=None, grad_teacher=None):
+    """One phase of the divergence rows split at the all-reduces of the vocabulary-parallel
+    path (kdkernels/ops/vocab_parallel.py runs the phases; csrc/cpu/divergence.h has their
+    meaning and the stats (N, 7) float64 columns), on a kernel backend: 'cpu' (C++) or
+    'triton'. Eager, in place."""
+    args = (student, teacher, row_weight, mode, swap, mix, temperature, taid, phase, stats,
+            grad_student, grad_teacher)
+    if backend == "triton":
+        from ..triton_kernels.divergence import divergence_shard_rows  # noqa: PLC0415
+
+        divergence_shard_rows(*args)
+    else:
+        torch.ops.kdkernels.divergence_shard_rows(*args)
 
 
 def register_native():

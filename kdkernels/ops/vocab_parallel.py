@@ -42,7 +42,9 @@ kernel. Under torch.compile the ops run eagerly (one graph break each)."""
 import torch
 
 from .. import _distributed as D
+from .. import _backend
 from .._plumbing import check_vocab_size, grad_dtype
+from . import divergence as div_ops
 from ..reference import divergence as ref
 from ._hand_over import keep_for_hand_over, scale, take_handed_over
 from .fused_linear import FullRows, Side, backward_outputs, forward_outputs, run
@@ -60,12 +62,15 @@ CHUNK_ELEMENTS = 1 << 20
 
 @_eager
 def divergence(student, teacher, weight, kept, *, group, kind, temperature, beta, skew, taid_t,
-               reduce):
+               reduce, backend="reference"):
     """Σ_i w_i·D_i (reduce) or w_i·D_i per row, D the divergence of the full-vocabulary rows
     whose shards student / teacher (N, V_r) this rank holds; gradients to the shards. kept:
     (N,) bool or None; weight (N,) as from _plumbing.row_weights."""
     on = torch.is_grad_enabled()
     need = (on and student.requires_grad, on and teacher.requires_grad)
+    if backend != "reference":
+        return _VocabParallelKernels.apply(student, teacher, weight, group, kind, temperature,
+                                           beta, skew, taid_t, reduce, need, backend)
     return _VocabParallel.apply(student, teacher, weight, kept, group, kind, temperature, beta,
                                 skew, taid_t, reduce, need)
 
@@ -117,6 +122,36 @@ class _VocabParallel(torch.autograd.Function):
                 scale(gt, grad_loss, ctx.reduce, ctx.dtypes[1])) + (None,) * 10
 
 
+class _VocabParallelKernels(torch.autograd.Function):
+    """divergence on the split kernels: every row at once (weight 0: dropped), the gradients
+    written into full-shard buffers in their final dtype and handed over."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, group, kind, temperature, beta, skew, taid_t,
+                reduce, need, backend):
+        n = student.shape[0]
+        D.all_agree(group, "the rows and options (N, kept rows, kind, temperature, beta, skew, "
+                    "taid_t, reduce)", (n, int((weight != 0).sum()), ref.KINDS.index(
+                        ref.canonical_kind(kind, beta, skew)), temperature, beta, skew,
+                        -1.0 if taid_t is None else taid_t, reduce), student.device)
+        loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+        g = [x.new_empty(x.shape, dtype=grad_dtype(x.dtype)) if grad else None
+             for x, grad in zip((student, teacher), need)]
+        rows_into(student.detach(), teacher.detach(), None, weight, group=group, kind=kind,
+                  temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
+                  loss_out=loss_rows, g_s=g[0], g_t=g[1], backend=backend)
+        ctx.reduce, ctx.dtypes = reduce, (student.dtype, teacher.dtype)
+        keep_for_hand_over(ctx, *(x.new_empty((0,), dtype=grad_dtype(x.dtype)) if gx is None
+                                  else gx for x, gx in zip((student, teacher), g)))
+        return loss_rows.double().sum().float() if reduce else loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gs, gt = take_handed_over(ctx)
+        return (scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]),
+                scale(gt, grad_loss, ctx.reduce, ctx.dtypes[1])) + (None,) * 10
+
+
 def compute_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -132,16 +167,35 @@ def _chunks(n, width):
 STATS = 7
 
 
+def row_backend(backend, device, dtypes):
+    """The kernels rows_into runs for a call's `backend` on `device`: 'cpu' (the C++ row
+    kernel's passes split at the all-reduces), 'triton' (the Triton sweeps, split likewise;
+    CUDA tensors, or CPU ones interpreted) or 'reference' (PyTorch ops: float64, and where no
+    kernel is built). The CUDA C++ kernels have no split form: CUDA tensors take Triton's."""
+    resolved = _backend.resolve_backend(backend, device, dtypes)
+    if resolved == "cuda":
+        resolved = "triton" if _backend.triton_importable() else "reference"
+    return resolved
+
+
 def rows_into(student, teacher, rows, w, *, group, kind, temperature, beta, skew, taid_t,
-              loss_out, g_s=None, g_t=None, stats=None):
+              loss_out, g_s=None, g_t=None, stats=None, backend="reference"):
     """The vocabulary-parallel divergence rows (the module comment) of this rank's shards
-    student, teacher (n, V_r), any float dtype, at rows (k,) int64 (None: all n):
+    student, teacher (n, V_r). backend 'cpu' / 'triton' (row_backend): the split kernels, on
+    every row (rows None; a row of weight 0 is dropped: never read, loss and gradient 0, not
+    in the all-reduces), inputs in float32/bf16/fp16, outputs as below with k = n. 'reference':
+    any float dtype, at rows (k,) int64 (None: all n):
     loss_out (k,) ← w·D, and g_s / g_t (k, V_r) ← d(w·D)/d(shard) where given, in the compute
     dtype (loss_out's: float32, or float64 for float64 inputs); w (k,) the row weights.
     Returns the rows' statistics (k, STATS) float64. Given `stats` (what an earlier call on the
     same rows returned), no collective runs and loss_out is not written: the gradients alone
     (a backward that reruns the rows). The launcher of every vocabulary-parallel op on the
     divergence kinds (the fused-linear step below runs it on each chunk of logits)."""
+    if backend != "reference":
+        assert rows is None, "the kernels take every row (weight 0: dropped)"
+        return _rows_kernels(backend, student, teacher, w, group=group, kind=kind,
+                             temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
+                             loss_out=loss_out, g_s=g_s, g_t=g_t, stats=stats)
     n, width = student.shape
     k = n if rows is None else rows.numel()
     cdtype = loss_out.dtype
@@ -217,6 +271,64 @@ def rows_into(student, teacher, rows, w, *, group, kind, temperature, beta, skew
                     gx[i:j] = torch.where(ok[i:j, None], (gx[i:j] - probs[side] * total) *
                                           (w[i:j, None] * factor[side]), float("nan"))
     return torch.cat([shift.double(), log_z.double(), ok[:, None].double(), partial[:, 1:]], 1)
+
+
+def _rows_kernels(backend, student, teacher, w, *, group, kind, temperature, beta, skew, taid_t,
+                  loss_out, g_s, g_t, stats):
+    """rows_into on the split kernels (ops/divergence.py shard_rows; csrc/cpu/divergence.h has
+    the phases and the stats columns): phase 0, all-reduce MAX of the maxima and SUM of the
+    normalizers rescaled to them, phase 1, all-reduce SUM of the loss and U row sums, phase 2.
+    The same collectives and bytes as the PyTorch-ops form, on the rows of nonzero weight."""
+    n = student.shape[0]
+    mode, swap, mix = div_ops.kernel_args(kind, beta, skew)
+    taid = 1.0 if taid_t is None else taid_t
+    w = w.float().contiguous()
+    live = (w != 0).nonzero().squeeze(1)
+    everyone = live.numel() == n
+
+    def phase(number, st):
+        div_ops.shard_rows(backend, student, teacher, w, mode, swap, mix, temperature, taid,
+                           number, st, g_s if number == 2 else None, g_t if number == 2 else None)
+
+    def live_rows(x):
+        return x if everyone else x[live]
+
+    if stats is None:
+        st = torch.zeros(n, 7, dtype=torch.float64, device=student.device)
+        phase(0, st)
+        m, z = live_rows(st[:, 0:2]), live_rows(st[:, 2:4])
+        maxima = torch.where(torch.isfinite(m), m, float("-inf")).float()
+        D.all_reduce_(maxima, "max", group)
+        top = maxima.double()
+        sums = torch.zeros(m.shape[0], 3, dtype=torch.float64, device=m.device)
+        sums[:, :2] = torch.where(m == float("-inf"), 0.0, z * ((m - top) / temperature).exp())
+        D.all_reduce_(sums, "sum", group)
+        log_z = sums[:, :2].log()
+        ok = torch.isfinite(log_z).all(-1)
+        front = torch.cat([torch.where(torch.isfinite(top), top, 0.0),
+                           torch.where(ok[:, None], log_z, float("nan"))], 1)
+        if everyone:
+            st[:, 0:4] = front
+        else:
+            st[live, 0:4] = front
+        phase(1, st)
+        partial = live_rows(st[:, 4:7]).contiguous()
+        D.all_reduce_(partial, "sum", group)
+        if everyone:
+            st[:, 4:7] = partial
+        else:
+            st[live, 4:7] = partial
+        loss_out.zero_()
+        rows_loss = torch.where(ok, partial[:, 0], float("nan")).to(loss_out.dtype) * live_rows(w)
+        if everyone:
+            loss_out.copy_(rows_loss)
+        else:
+            loss_out[live] = rows_loss
+    else:
+        st = stats.clone()
+    if g_s is not None or g_t is not None:
+        phase(2, st)
+    return st
 
 
 # --------------------------------------------------------------- fused linear + divergence
@@ -313,14 +425,15 @@ class ShardRows(FullRows):
 
 class DivergenceShardStep:
     """The fused-linear row step (ops/fused_linear.py DivergenceStep's protocol) on this rank's
-    vocabulary shard: the teacher's shard of logits, then rows_into (three all-reduces per
-    chunk, recorded in `store` for a backward rerun)."""
+    vocabulary shard: the teacher's shard of logits, then rows_into on `backend` (three
+    all-reduces per chunk, recorded in `store` for a backward rerun). The kernels write the
+    gradient in place of the logits; the PyTorch-ops form reads them after writing G."""
     buffers = 1
-    in_place = False  # rows_into reads zs again after writing G
 
-    def __init__(self, ht, wt, bt, *, vocab, t_scale, t_cap, options, group, store):
+    def __init__(self, ht, wt, bt, *, vocab, t_scale, t_cap, options, group, store, backend):
         self.teacher = (ht, wt, bt, vocab, t_scale, t_cap)
         self.options, self.group, self.store = options, group, store
+        self.backend, self.in_place = backend, backend != "reference"
 
     def select(self, pick):
         ht, wt, bt, vocab, t_scale, t_cap = self.teacher
@@ -332,7 +445,8 @@ class DivergenceShardStep:
         zt = self.side.logits_into(bufs[0][:zs.shape[0]], rows)
         ids = self.ids[rows]
         stats = rows_into(zs, zt, None, w, group=self.group, loss_out=loss_out, g_s=g,
-                          stats=self.store.get("div", ids), **self.options)
+                          stats=self.store.get("div", ids), backend=self.backend,
+                          **self.options)
         self.store.put("div", ids, stats)
 
 
@@ -388,12 +502,12 @@ class _FusedLinear(torch.autograd.Function):
 @_eager
 def fused_linear_divergence(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, group,
                             vocab_size, kind, beta, skew, temperature, taid_t, t_scale, t_cap,
-                            **loop):
+                            backend, **loop):
     """kdkernels.fused_linear_divergence with vocabulary-sharded lm_heads: ws, bs, wt, bt are
     this rank's rows of the heads (the same columns on both sides), hs, ht (N, H) replicated.
     vocab_size: the global columns that take part (None: all). loop: the chunk loop's
     remaining arguments (reduce, soft, hard, s_scale, s_cap, chunk, entropy,
-    weight_grad_fp32)."""
+    weight_grad_fp32); backend: rows_into's (row_backend)."""
     device = hs.device
     if ws.shape[0] != wt.shape[0]:
         raise ValueError(f"student_weight and teacher_weight must hold the same vocabulary rows "
@@ -409,7 +523,7 @@ def fused_linear_divergence(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, label
     rows = ShardRows(lay, vocab, group, store)
     step = DivergenceShardStep(
         ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab=rows.window,
-        t_scale=t_scale, t_cap=t_cap, group=group, store=store,
+        t_scale=t_scale, t_cap=t_cap, group=group, store=store, backend=backend,
         options=dict(kind=kind, beta=beta, skew=skew, temperature=temperature, taid_t=taid_t))
     return fused_linear(hs, ws, bs, step, rows, dict(
         row_weight=row_weight, ce_weight=ce_weight, labels=labels, vocab=rows.window,

@@ -1,4 +1,5 @@
-"""Triton kernels of the divergence family: one program per row, three sweeps over it.
+"""Triton kernels of the divergence family: one program per row, three sweeps over it (and
+the same sweeps split at the all-reduces of the vocabulary-parallel path: _divergence_shard_kernel).
 
     sweep 1  online log-sum-exp of both rows (each block: one max, one rescale), in input
              units: every exponent is (logit − row max)/T
@@ -202,6 +203,129 @@ def _divergence_fwd_kernel(
             if NEED_Q:
                 g = tl.where(live, c_q * (uq - q * sum_uq) * q_factor, 0.0)
                 tl.store(GQ + cols, g.to(GQ.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _divergence_shard_kernel(
+    S, T, W, STATS, GS, GT,
+    s_stride, t_stride, gs_stride, gt_stride, V,
+    inv_t, mix, lam, c_p, c_q, gs_factor, gt_factor,
+    MODE: tl.constexpr, SWAP: tl.constexpr, TAID: tl.constexpr, PHASE: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The sweeps above split at the all-reduces of the vocabulary-parallel path, on this
+    rank's shard (csrc/cpu/divergence.h has the phases and the STATS (N, 7) float64 columns
+    [m_s, m_t, z_s, z_t, loss, ΣU_P, ΣU_Q]): PHASE 0 sweep 1 (this shard's maxima and
+    normalizers), 1 sweep 2 given the global ones (the loss and ΣU of this shard), 2 sweep 3
+    given every row sum (the gradients)."""
+    row = tl.program_id(0).to(tl.int64)
+    S += row * s_stride
+    T += row * t_stride
+    STATS += row * 7
+    w = tl.load(W + row)
+    live = w != 0.0
+    v_live = tl.where(live, V, 0)
+    offs = tl.arange(0, BLOCK)
+    if PHASE == 0:
+        m_x = tl.full((), float("-inf"), tl.float32)
+        z_x = tl.zeros((), tl.float32)
+        m_y = tl.full((), float("-inf"), tl.float32)
+        z_y = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK):
+            x, y = _load_pq(S, T, start + offs, v_live, live, lam, SWAP, TAID)
+            m_x, z_x = _lse_update(m_x, z_x, x, inv_t)
+            m_y, z_y = _lse_update(m_y, z_y, y, inv_t)
+        m_x = tl.where(live, m_x, float("-inf"))
+        m_y = tl.where(live, m_y, float("-inf"))
+        z_x = tl.where(live, z_x, 0.0)
+        z_y = tl.where(live, z_y, 0.0)
+        if SWAP:  # (x is the student's side)
+            tl.store(STATS + 0, m_x.to(tl.float64))
+            tl.store(STATS + 1, m_y.to(tl.float64))
+            tl.store(STATS + 2, z_x.to(tl.float64))
+            tl.store(STATS + 3, z_y.to(tl.float64))
+        else:
+            tl.store(STATS + 0, m_y.to(tl.float64))
+            tl.store(STATS + 1, m_x.to(tl.float64))
+            tl.store(STATS + 2, z_y.to(tl.float64))
+            tl.store(STATS + 3, z_x.to(tl.float64))
+    else:
+        m_s = tl.load(STATS + 0).to(tl.float32)
+        m_t = tl.load(STATS + 1).to(tl.float32)
+        lz_s = tl.load(STATS + 2).to(tl.float32)
+        lz_t = tl.load(STATS + 3).to(tl.float32)
+        if SWAP:
+            m_x, m_y, log_z_x, log_z_y = m_s, m_t, lz_s, lz_t
+            GP = GS + row * gs_stride
+            GQ = GT + row * gt_stride
+            p_factor = gs_factor * w
+            q_factor = gt_factor * w
+        else:
+            m_x, m_y, log_z_x, log_z_y = m_t, m_s, lz_t, lz_s
+            GP = GT + row * gt_stride
+            GQ = GS + row * gs_stride
+            p_factor = gt_factor * w
+            q_factor = gs_factor * w
+        inv_z_x = tl.exp(-log_z_x)
+        inv_z_y = tl.exp(-log_z_y)
+        log_w = tl.log(mix)
+        log_1mw = tl.log(1.0 - mix)
+        NEED_P: tl.constexpr = (GRAD_S and SWAP) or (GRAD_T and not SWAP)
+        NEED_Q: tl.constexpr = (GRAD_S and not SWAP) or (GRAD_T and SWAP)
+        if PHASE == 1:  # (the sums in float64, as the C++ kernel's: they meet other ranks')
+            loss = tl.zeros((), tl.float64)
+            sum_up = tl.zeros((), tl.float64)
+            sum_uq = tl.zeros((), tl.float64)
+            for start in range(0, V, BLOCK):
+                x, y = _load_pq(S, T, start + offs, v_live, live, lam, SWAP, TAID)
+                p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x,
+                                          inv_z_y, mix, log_w, log_1mw, MODE)
+                loss += tl.sum(el.to(tl.float64), 0)
+                sum_up += tl.sum(up.to(tl.float64), 0)
+                sum_uq += tl.sum(uq.to(tl.float64), 0)
+            tl.store(STATS + 4, tl.where(live, loss, 0.0))
+            tl.store(STATS + 5, tl.where(live, sum_up, 0.0))
+            tl.store(STATS + 6, tl.where(live, sum_uq, 0.0))
+        else:
+            sum_up = tl.load(STATS + 5).to(tl.float32)
+            sum_uq = tl.load(STATS + 6).to(tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                msk = cols < V
+                x, y = _load_pq(S, T, cols, v_live, live, lam, SWAP, TAID)
+                p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x,
+                                          inv_z_y, mix, log_w, log_1mw, MODE)
+                if NEED_P:
+                    g = tl.where(live, c_p * (up - p * sum_up) * p_factor, 0.0)
+                    tl.store(GP + cols, g.to(GP.dtype.element_ty), mask=msk)
+                if NEED_Q:
+                    g = tl.where(live, c_q * (uq - q * sum_uq) * q_factor, 0.0)
+                    tl.store(GQ + cols, g.to(GQ.dtype.element_ty), mask=msk)
+
+
+def divergence_shard_rows(student, teacher, row_weight, mode, swap, mix, temperature, taid, phase,
+                          stats, grad_student=None, grad_teacher=None):
+    """The launcher of the split sweeps (_divergence_shard_kernel; the CPU twin is
+    kdkernels::divergence_shard_rows): (N, V_r) shards of the logits, stats (N, 7) float64
+    read and written in place; the gradients (phase 2) into the caller's buffers, as
+    divergence_rows."""
+    n, v = student.shape
+    if n == 0:
+        return
+    want_s, want_t = grad_student is not None and phase == 2, grad_teacher is not None and phase == 2
+    c_p, c_q = _coefficients(mode, mix)
+    block = min(triton.next_power_of_2(max(v, 1)),
+                MAX_BLOCK["interpreted" if triton_interpreted() else "gpu"])
+    w = row_weight.float().contiguous()
+    _divergence_shard_kernel[(n,)](
+        student, teacher, w, stats, grad_student if want_s else w, grad_teacher if want_t else w,
+        student.stride(0), teacher.stride(0), grad_student.stride(0) if want_s else 0,
+        grad_teacher.stride(0) if want_t else 0, v,
+        1.0 / float(temperature), float(mix), float(taid), c_p, c_q,
+        1.0 / temperature, float(taid) / temperature,
+        MODE=mode, SWAP=bool(swap), TAID=taid != 1.0, PHASE=int(phase), GRAD_S=want_s,
+        GRAD_T=want_t, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    )
 
 
 def _coefficients(mode, mix):
