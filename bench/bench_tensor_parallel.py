@@ -1,6 +1,7 @@
 """Benchmark of the vocabulary-parallel divergence (kdkernels.divergence(process_group=...))
-against gathering the logits (all_gather of both shards, then the ordinary op on the full rows
-and the local slice of its gradient): forward+backward time of one step (the slowest rank),
+on the split C++ kernels ("auto") and in its PyTorch-ops form ("reference"), against gathering
+the logits (all_gather of both shards, then the ordinary op on the full rows and the local
+slice of its gradient): forward+backward time of one step (the slowest rank),
 the bytes each rank hands to the collectives, and each rank's peak memory.
 
 CPU, gloo: 2 processes × 1 thread (KDK_TP_WORLD), fp32, T=2, N=2048 and V = 32000 / 128256
@@ -21,7 +22,7 @@ WORLD = int(os.environ.get("KDK_TP_WORLD", "2"))
 CASES = [tuple(map(int, c.split("x"))) for c in
          os.environ.get("KDK_TP_CASES", "2048x32000,2048x128256").split(",")]
 KINDS = os.environ.get("KDK_TP_KINDS", "fkl,jsd").split(",")
-IMPLS = ["kdkernels-vocab-parallel", "all_gather+kdkernels"]
+IMPLS = ["kdkernels-vocab-parallel", "kdkernels-vocab-parallel-reference", "all_gather+kdkernels"]
 TEMPERATURE = 2.0
 
 
@@ -30,10 +31,11 @@ def _step(impl, s, t, group, kind):
 
     import kdkernels  # noqa: PLC0415
 
-    if impl == "kdkernels-vocab-parallel":
+    if impl.startswith("kdkernels-vocab-parallel"):  # the split C++ kernels, or PyTorch ops
         s = s.detach().requires_grad_(True)
-        kdkernels.divergence(s, t, kind=kind, temperature=TEMPERATURE,
-                             process_group=group).backward()
+        kdkernels.divergence(s, t, kind=kind, temperature=TEMPERATURE, process_group=group,
+                             backend="reference" if impl.endswith("reference") else "auto"
+                             ).backward()
         return s.grad
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     parts = [[torch.empty_like(x) for _ in range(world)] for x in (s, t)]

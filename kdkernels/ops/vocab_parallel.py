@@ -36,9 +36,13 @@ for top-k) whatever the chunking. Backward communicates nothing but the fused op
 gradient: the forward computes the gradients and hands them over (_hand_over.py), or, with
 reduction='none', records every row statistic (RowStore) for the backward's rerun.
 
-This is the PyTorch-ops form of the path (chunks of rows, the reference's formulas, the
-fused-linear chunk loop of ops/fused_linear.py for the matmuls): exact, not yet a fused
-kernel. Under torch.compile the ops run eagerly (one graph break each)."""
+rows_into runs on the divergence row kernels split at those all-reduces (backend 'cpu': the
+C++ kernel's passes, kdkernels::divergence_shard_rows; 'triton': its sweeps,
+_divergence_shard_kernel; both in three phases over stats (N, 7) float64), or in a PyTorch-ops
+form (backend 'reference': chunks of rows, autograd of the reference's formulas; float64).
+The fused ops run it per chunk of logits inside the chunk loop of ops/fused_linear.py; the
+sparse and top-k steps are ATen ops, as those families are on one device. Under
+torch.compile the ops run eagerly (one graph break each)."""
 import torch
 
 from .. import _distributed as D
