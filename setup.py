@@ -86,7 +86,11 @@ def extension():
         # under this one.
         cpp_ext.CUDA_HOME = cpp_ext.CUDA_HOME or cuda_home
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17"] + gencode_flags(archs)
-        kwargs["include_dirs"] = [os.path.join(cuda_home, "include")]
+        # The CUDA headers (cuda_runtime.h, for the glue) through the compiler's CPATH rather
+        # than an -I: the CPU sources' compile commands stay those of a CPU-only build, so a
+        # build with CUDA reuses that build's object files (ninja compares the commands).
+        include = os.path.join(cuda_home, "include")
+        os.environ["CPATH"] = os.pathsep.join(filter(None, [include, os.environ.get("CPATH")]))
         kwargs["library_dirs"] = [os.path.join(cuda_home, "lib64")]
         # The CUDA runtime linked statically: no dependency on which libcudart torch ships.
         kwargs["libraries"] = ["cudart_static", "rt", "dl", "pthread"]

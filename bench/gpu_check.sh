@@ -3,7 +3,8 @@
 # stage under its own timeout (100 (setup.py and CMake side by side) + 40 + 140 + 100 + 40 + 30 + 90
 # + 25 + 30 + 30 + 45 + 40 = 710 s at most: more than one 10-minute call allows, so drop stages
 # for a run (the newest: the two fused-linear and the two sparse-teacher stages; without them
-# 555 s, inside one call). KDK_GPU_SKIP="fused sparse" skips stages by name.
+# 555 s, inside one call; the vocabulary-parallel stage "tp" adds 30). KDK_GPU_SKIP="fused sparse"
+# skips stages by name.
 # On the H200 on 2026-11-29 the CUDA tests took 20 s, the divergence benchmarks 75 s, the MOHAWK
 # benchmark 21 s; the Triton test stages and the token-relation / DAC-KL benchmarks ran out of
 # their (then shorter) times. Return only $OUT's own files: the device tool brings back 8.
@@ -66,6 +67,12 @@ if ! skip fused; then
 say "tests: fused linear + divergence on the GPU (triton and cuda backends; bf16 multi-chunk)"
 timeout 40 python3 -m pytest python_tests/test_fused_linear.py -k "not cpu and not emulated and not readme" \
   -q -rf -p no:cacheprovider >> "$OUT/tests.log" 2>&1
+say "tests exit $? : $(tail -1 "$OUT/tests.log")"
+fi
+if ! skip tp; then
+say "tests: vocabulary-parallel divergence on one GPU (NCCL, one rank: the Triton split kernels)"
+timeout 30 python3 -m pytest python_tests/test_vocab_parallel.py -k "world_of_one and cuda" -q -rf \
+  -p no:cacheprovider >> "$OUT/tests.log" 2>&1
 say "tests exit $? : $(tail -1 "$OUT/tests.log")"
 fi
 if ! skip sparse; then

@@ -33,6 +33,14 @@ def check_group(process_group):
     return process_group
 
 
+def resolve_group(group_name):
+    """The ProcessGroup named group_name (ProcessGroup.group_name): how the ops that take a
+    group pass it through torch.library's schema, as functional collectives do."""
+    from torch.distributed.distributed_c10d import _resolve_process_group  # noqa: PLC0415
+
+    return _resolve_process_group(group_name)
+
+
 def all_reduce_(tensor, op, group):
     """In-place all-reduce of `tensor` over `group` ("max" or "sum"), counted in TRAFFIC."""
     import torch.distributed as dist  # noqa: PLC0415

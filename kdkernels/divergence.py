@@ -68,7 +68,7 @@ def divergence(student_logits, teacher_logits, *, kind="fkl", temperature=1.0, b
                                reduction=reduction, num_items=num_items, device=device,
                                dtype=torch.float64 if fp64 else torch.float32)
         loss = vocab_parallel.divergence(
-            P.as_rows(student_logits), P.as_rows(teacher_logits), weight, kept, group=group,
+            P.as_rows(student_logits), P.as_rows(teacher_logits), weight, group=group,
             kind=kind, temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
             reduce=reduction != "none", backend=rows_backend)
         return loss if reduction != "none" else loss.reshape(lead_shape)

@@ -273,21 +273,28 @@ def test_readme_example(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-def test_world_of_one_equals_one_device(backend):
+# CUDA tensors (a GPU machine: NCCL, one rank) take the Triton split kernels ("cuda" too).
+ONE_RANK = [("cpu", b) for b in ("cpu", "triton", "reference")] + (
+    [("cuda", b) for b in ("triton", "cuda", "reference")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,backend", ONE_RANK, ids=[f"{d}-{b}" for d, b in ONE_RANK])
+def test_world_of_one_equals_one_device(device, backend):
     """A group of one process: the vocabulary-parallel path on the whole vocabulary equals the
     single-device op (the float64 reference), every kind, with masks, TAID and a 16-bit case;
     and opcheck of the split kernels' op."""
     port = _free_port()
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1,
+                            init_method=f"tcp://127.0.0.1:{port}")
     try:
         g = torch.Generator().manual_seed(3)
         for c, kind in enumerate(kdkernels.KINDS):
             dtype = torch.bfloat16 if c == 2 else torch.float32
-            s = (torch.randn(9, 300, generator=g) * 3).to(dtype)
-            t = (torch.randn(9, 300, generator=g) * 3).to(dtype)
+            s = (torch.randn(9, 300, generator=g) * 3).to(device, dtype)
+            t = (torch.randn(9, 300, generator=g) * 3).to(device, dtype)
             t[1, ::3] = float("-inf")
-            opts = dict(kind=kind, temperature=(0.7, 2.0)[c % 2], mask=torch.arange(9) % 4 != 1,
+            opts = dict(kind=kind, temperature=(0.7, 2.0)[c % 2],
+                        mask=torch.arange(9, device=device) % 4 != 1,
                         taid_t=0.6 if c == 4 else None, reduction=("mean", "none")[c % 2])
             refs = []
             for ref_dtype in (torch.float64, torch.float32):
@@ -305,10 +312,11 @@ def test_world_of_one_equals_one_device(backend):
                 # (the interpreter rounds fp32 to bf16 by truncation: helpers.assert_matches)
                 assert_matches(got.detach(), refs[0][i], refs[1][i], out_dtype,
                                f"{backend} {kind} {dtype}: {name}",
-                               rounding_units=2.0 if backend == "triton" else 1.0)
+                               rounding_units=2.0 if (backend, device) == ("triton", "cpu")
+                               else 1.0)
     finally:
         dist.destroy_process_group()
-    if backend == "cpu":
+    if (device, backend) == ("cpu", "cpu"):
         s, t = torch.randn(5, 33), torch.randn(5, 33)
         torch.library.opcheck(torch.ops.kdkernels.divergence_shard_rows.default,
                               (s, t, torch.ones(5), 2, False, 0.3, 2.0, 1.0, 0,

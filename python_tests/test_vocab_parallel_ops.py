@@ -287,8 +287,10 @@ def _run_bytes(rank, world, lo, hi):
 
 
 def _run_compile(rank, world, lo, hi):
-    """torch.compile of a step that calls the vocabulary-parallel ops: they run eagerly (a
-    graph break at each), the rest compiled; loss and gradients equal eager mode's."""
+    """torch.compile of a step that calls the vocabulary-parallel ops: the sparse ones (and
+    the fused one with reduction='none') run eagerly, a graph break at each, the rest compiled;
+    the divergence and the reduced fused divergence on the kernels are traced whole
+    (fullgraph=True); loss and gradients equal eager mode's."""
     tensors, labels, lp, idx = _tensors(600)
     group = dist.group.WORLD
     ht, wt = tensors["ht"], tensors["wt"][lo:hi]
@@ -296,12 +298,33 @@ def _run_compile(rank, world, lo, hi):
     def step(hs, ws):
         h = torch.tanh(hs)
         return (kdkernels.fused_linear_divergence(h, ws, ht, wt, labels=labels, kind="jsd",
-                                                  hard_label_weight=0.3, process_group=group)
+                                                  hard_label_weight=0.3, process_group=group,
+                                                  reduction="none").sum()
                 + kdkernels.divergence(h @ ws.T, ht @ wt.T, temperature=2.0, process_group=group)
                 + kdkernels.fused_linear_sparse_divergence(h, ws, lp, idx, process_group=group))
 
     results = []
     for fn in (step, torch.compile(step)):
+        hs = tensors["hs"].clone().requires_grad_(True)
+        ws = tensors["ws"][lo:hi].clone().requires_grad_(True)
+        loss = fn(hs, ws)
+        loss.backward()
+        results.append((loss.detach(), hs.grad, ws.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+    # The divergence and the reduced fused one on the split kernels are opaque ops:
+    # fullgraph=True traces them.
+    def logits_step(hs, ws):
+        h = torch.tanh(hs)
+        return (kdkernels.divergence(h @ ws.T, ht @ wt.T, kind="jsd", labels=labels,
+                                     temperature=2.0, process_group=group)
+                + kdkernels.fused_linear_divergence(h, ws, ht, wt, labels=labels,
+                                                    hard_label_weight=0.5, kind="rkl",
+                                                    student_softcap=5.0, process_group=group))
+
+    results = []
+    for fn in (logits_step, torch.compile(logits_step, fullgraph=True)):
         hs = tensors["hs"].clone().requires_grad_(True)
         ws = tensors["ws"][lo:hi].clone().requires_grad_(True)
         loss = fn(hs, ws)

@@ -28,7 +28,9 @@ def register_pair(fwd, bwd, fake_fwd, fake_bwd, backward_with, setup_context):
 
 
 def register_fake_and_autograd(fwd, fake, backward, setup_context):
-    """A single forward op whose backward needs no op of its own (saved gradients scaled)."""
-    torch.library.register_fake(f"kdkernels::{fwd}", fake)
+    """A single forward op whose backward needs no op of its own (saved gradients scaled);
+    fake None: registered with the op already (custom_op's register_fake)."""
+    if fake is not None:
+        torch.library.register_fake(f"kdkernels::{fwd}", fake)
     torch.library.register_autograd(f"kdkernels::{fwd}", first_order(fwd, backward),
                                     setup_context=setup_context)

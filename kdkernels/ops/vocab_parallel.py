@@ -40,18 +40,29 @@ rows_into runs on the divergence row kernels split at those all-reduces (backend
 C++ kernel's passes, kdkernels::divergence_shard_rows; 'triton': its sweeps,
 _divergence_shard_kernel; both in three phases over stats (N, 7) float64), or in a PyTorch-ops
 form (backend 'reference': chunks of rows, autograd of the reference's formulas; float64).
+The kernels use the closed forms U_P, U_Q of G (kdkernels/triton_kernels/divergence.py's
+header) and their row sums in the third all-reduce, and carry NaN / +inf through the
+normalizer sums themselves (the count column is 0): the same collectives and bytes.
 The fused ops run it per chunk of logits inside the chunk loop of ops/fused_linear.py; the
 sparse and top-k steps are ATen ops, as those families are on one device. Under
-torch.compile the ops run eagerly (one graph break each)."""
-import torch
+torch.compile the divergence and the reduced fused divergence on the kernels are opaque ops
+(kdkernels::vocab_parallel_divergence_fwd, kdkernels::vocab_parallel_fused_linear_divergence_fwd,
+the group passed by name: fullgraph=True traces them); the others (the sparse and top-k ops,
+reduction='none' of the fused one, the PyTorch-ops form) run eagerly, one graph break each."""
+from typing import Optional
 
-from .. import _distributed as D
+import torch
+from torch import Tensor
+
 from .. import _backend
+from .. import _distributed as D
 from .._plumbing import check_vocab_size, grad_dtype
 from . import divergence as div_ops
 from ..reference import divergence as ref
 from ._hand_over import keep_for_hand_over, scale, take_handed_over
-from .fused_linear import FullRows, Side, backward_outputs, forward_outputs, run
+from ._register import register_fake_and_autograd
+from .fused_linear import (FullRows, Side, backward_outputs, fake_forward_outputs,
+                           forward_outputs, run)
 from .sparse import (LOGITS_CHUNK_BUDGET, check_teacher, entry_math, logits_loop,
                      topk_lower_index, topk_outputs)
 
@@ -64,96 +75,127 @@ _eager = torch.compiler.disable
 CHUNK_ELEMENTS = 1 << 20
 
 
-@_eager
-def divergence(student, teacher, weight, kept, *, group, kind, temperature, beta, skew, taid_t,
+def divergence(student, teacher, weight, *, group, kind, temperature, beta, skew, taid_t,
                reduce, backend="reference"):
     """Σ_i w_i·D_i (reduce) or w_i·D_i per row, D the divergence of the full-vocabulary rows
-    whose shards student / teacher (N, V_r) this rank holds; gradients to the shards. kept:
-    (N,) bool or None; weight (N,) as from _plumbing.row_weights."""
+    whose shards student / teacher (N, V_r) this rank holds; gradients to the shards. weight
+    (N,) as from _plumbing.row_weights (0: a dropped row). The kernels (backend 'cpu',
+    'triton') run as one opaque op, kdkernels::vocab_parallel_divergence_fwd (torch.compile
+    traces it as one node; its collectives run inside); the PyTorch-ops form ('reference',
+    autograd inside) as an eager autograd function. Either way the gradients are computed in
+    the forward and handed over."""
     on = torch.is_grad_enabled()
-    need = (on and student.requires_grad, on and teacher.requires_grad)
-    if backend != "reference":
-        return _VocabParallelKernels.apply(student, teacher, weight, group, kind, temperature,
-                                           beta, skew, taid_t, reduce, need, backend)
-    return _VocabParallel.apply(student, teacher, weight, kept, group, kind, temperature, beta,
-                                skew, taid_t, reduce, need)
+    args = (student, teacher, weight, group.group_name, kind, temperature, beta, skew, taid_t,
+            reduce, on and student.requires_grad, on and teacher.requires_grad, backend)
+    if backend == "reference":
+        return _reference_divergence(*args)
+    return torch.ops.kdkernels.vocab_parallel_divergence_fwd(*args)[0]
 
 
-class _VocabParallel(torch.autograd.Function):
+@_eager
+def _reference_divergence(*args):
+    return _ReferenceDivergence.apply(*args)
+
+
+class _ReferenceDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, weight, kept, group, kind, temperature, beta, skew,
-                taid_t, reduce, need):
-        n, width = student.shape
-        rows = None if kept is None else kept.nonzero().squeeze(1)
+    def forward(ctx, *args):
+        loss, gs, gt = _divergence_outputs(*args)
+        _setup_divergence(ctx, args, (loss, gs, gt))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward_divergence(ctx, grad_loss, None, None)
+
+
+@torch.library.custom_op("kdkernels::vocab_parallel_divergence_fwd", mutates_args=(),
+                         device_types=None)
+def vocab_parallel_divergence_fwd(
+        student: Tensor, teacher: Tensor, weight: Tensor, group_name: str, kind: str,
+        temperature: float, beta: float, skew: float, taid_t: Optional[float], reduce: bool,
+        grad_student: bool, grad_teacher: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, grad_student, grad_teacher) of divergence above on the process group named
+    group_name (gradients: (0,) placeholders where not asked)."""
+    return _divergence_outputs(student, teacher, weight, group_name, kind, temperature, beta,
+                               skew, taid_t, reduce, grad_student, grad_teacher, backend)
+
+
+def _divergence_outputs(student, teacher, weight, group_name, kind, temperature, beta, skew,
+                        taid_t, reduce, grad_student, grad_teacher, backend):
+    group = D.resolve_group(group_name)
+    n, width = student.shape
+    kept = weight != 0
+    D.all_agree(group, "the rows and options (N, kept rows, kind, temperature, beta, skew, "
+                "taid_t, reduce)", (n, int(kept.sum()), ref.KINDS.index(ref.canonical_kind(
+                    kind, beta, skew)), temperature, beta, skew, -1.0 if taid_t is None
+                    else taid_t, reduce), student.device)
+    options = dict(group=group, kind=kind, temperature=temperature, beta=beta, skew=skew,
+                   taid_t=taid_t)
+    need = (grad_student, grad_teacher)
+    if backend != "reference":  # every row at once, gradients straight into their buffers
+        loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+        g = [x.new_empty(x.shape, dtype=grad_dtype(x.dtype)) if want else None
+             for x, want in zip((student, teacher), need)]
+        rows_into(student, teacher, None, weight, loss_out=loss_rows, g_s=g[0], g_t=g[1],
+                  backend=backend, **options)
+        loss = loss_rows.double().sum().float() if reduce else loss_rows
+        grads = g
+    else:  # the kept rows, in the compute dtype
+        rows = None if bool(kept.all()) else kept.nonzero().squeeze(1)
         k = n if rows is None else rows.numel()
-        D.all_agree(group, "the rows and options (N, kept rows, kind, temperature, beta, skew, "
-                    "taid_t, reduce)", (n, k, ref.KINDS.index(ref.canonical_kind(kind, beta, skew)),
-                                       temperature, beta, skew, -1.0 if taid_t is None else taid_t,
-                                       reduce), student.device)
         cdtype = compute_dtype(student.dtype, teacher.dtype)
         loss_rows = torch.empty(k, dtype=cdtype, device=student.device)
-        g = [torch.empty(k, width, dtype=cdtype, device=x.device) if grad else None
-             for x, grad in zip((student, teacher), need)]
+        g = [torch.empty(k, width, dtype=cdtype, device=x.device) if want else None
+             for x, want in zip((student, teacher), need)]
         w = weight if rows is None else weight[rows]
-        rows_into(student.detach(), teacher.detach(), rows, w.to(cdtype), group=group, kind=kind,
-                  temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
-                  loss_out=loss_rows, g_s=g[0], g_t=g[1])
+        rows_into(student.detach(), teacher.detach(), rows, w.to(cdtype), loss_out=loss_rows,
+                  g_s=g[0], g_t=g[1], **options)
         out_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
         if reduce:
             loss = loss_rows.sum().to(out_dtype)
         elif rows is None:
             loss = loss_rows.to(out_dtype)
         else:
-            loss = loss_rows.new_zeros(n, dtype=out_dtype).index_copy_(0, rows,
-                                                                     loss_rows.to(out_dtype))
+            loss = loss_rows.new_zeros(n, dtype=out_dtype).index_copy_(
+                0, rows, loss_rows.to(out_dtype))
         grads = []
         for x, gx in zip((student, teacher), g):
             if gx is None:
-                grads.append(x.new_empty((0,), dtype=grad_dtype(x.dtype)))
+                grads.append(None)
             elif rows is None:
                 grads.append(gx.to(grad_dtype(x.dtype)))
             else:
                 grads.append(x.new_zeros(x.shape, dtype=grad_dtype(x.dtype)).index_copy_(
                     0, rows, gx.to(grad_dtype(x.dtype))))
-        ctx.reduce, ctx.dtypes = reduce, (student.dtype, teacher.dtype)
-        keep_for_hand_over(ctx, *grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        gs, gt = take_handed_over(ctx)
-        return (scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]),
-                scale(gt, grad_loss, ctx.reduce, ctx.dtypes[1])) + (None,) * 10
+    return (loss,) + tuple(x.new_empty((0,), dtype=grad_dtype(x.dtype)) if gx is None else gx
+                           for x, gx in zip((student, teacher), grads))
 
 
-class _VocabParallelKernels(torch.autograd.Function):
-    """divergence on the split kernels: every row at once (weight 0: dropped), the gradients
-    written into full-shard buffers in their final dtype and handed over."""
+@vocab_parallel_divergence_fwd.register_fake
+def _fake_divergence(student, teacher, weight, group_name, kind, temperature, beta, skew,
+                     taid_t, reduce, grad_student, grad_teacher, backend):
+    out = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    return (weight.new_empty(() if reduce else (student.shape[0],), dtype=out),
+            student.new_empty(student.shape if grad_student else (0,),
+                              dtype=grad_dtype(student.dtype)),
+            teacher.new_empty(teacher.shape if grad_teacher else (0,),
+                              dtype=grad_dtype(teacher.dtype)))
 
-    @staticmethod
-    def forward(ctx, student, teacher, weight, group, kind, temperature, beta, skew, taid_t,
-                reduce, need, backend):
-        n = student.shape[0]
-        D.all_agree(group, "the rows and options (N, kept rows, kind, temperature, beta, skew, "
-                    "taid_t, reduce)", (n, int((weight != 0).sum()), ref.KINDS.index(
-                        ref.canonical_kind(kind, beta, skew)), temperature, beta, skew,
-                        -1.0 if taid_t is None else taid_t, reduce), student.device)
-        loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
-        g = [x.new_empty(x.shape, dtype=grad_dtype(x.dtype)) if grad else None
-             for x, grad in zip((student, teacher), need)]
-        rows_into(student.detach(), teacher.detach(), None, weight, group=group, kind=kind,
-                  temperature=temperature, beta=beta, skew=skew, taid_t=taid_t,
-                  loss_out=loss_rows, g_s=g[0], g_t=g[1], backend=backend)
-        ctx.reduce, ctx.dtypes = reduce, (student.dtype, teacher.dtype)
-        keep_for_hand_over(ctx, *(x.new_empty((0,), dtype=grad_dtype(x.dtype)) if gx is None
-                                  else gx for x, gx in zip((student, teacher), g)))
-        return loss_rows.double().sum().float() if reduce else loss_rows
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        gs, gt = take_handed_over(ctx)
-        return (scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]),
-                scale(gt, grad_loss, ctx.reduce, ctx.dtypes[1])) + (None,) * 10
+def _setup_divergence(ctx, inputs, output):
+    ctx.reduce, ctx.dtypes = inputs[9], (inputs[0].dtype, inputs[1].dtype)
+    keep_for_hand_over(ctx, output[1], output[2])
+
+
+def _backward_divergence(ctx, grad_loss, _gs, _gt):
+    gs, gt = take_handed_over(ctx)
+    return (scale(gs, grad_loss, ctx.reduce, ctx.dtypes[0]),
+            scale(gt, grad_loss, ctx.reduce, ctx.dtypes[1])) + (None,) * 11
+
+
+register_fake_and_autograd("vocab_parallel_divergence_fwd", None, _backward_divergence,
+                           _setup_divergence)
 
 
 def compute_dtype(*dtypes):
@@ -503,35 +545,114 @@ class _FusedLinear(torch.autograd.Function):
             (None,) * 4
 
 
-@_eager
 def fused_linear_divergence(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, *, group,
                             vocab_size, kind, beta, skew, temperature, taid_t, t_scale, t_cap,
-                            backend, **loop):
+                            backend, reduce, soft, hard, s_scale, s_cap, chunk, entropy,
+                            weight_grad_fp32):
     """kdkernels.fused_linear_divergence with vocabulary-sharded lm_heads: ws, bs, wt, bt are
     this rank's rows of the heads (the same columns on both sides), hs, ht (N, H) replicated.
-    vocab_size: the global columns that take part (None: all). loop: the chunk loop's
-    remaining arguments (reduce, soft, hard, s_scale, s_cap, chunk, entropy,
-    weight_grad_fp32); backend: rows_into's (row_backend)."""
-    device = hs.device
+    vocab_size: the global columns that take part (None: all); backend: rows_into's
+    (row_backend); the rest: the chunk loop's. Returns (loss, divergence, cross_entropy,
+    entropy). A reduced loss on the kernels runs as one opaque op,
+    kdkernels::vocab_parallel_fused_linear_divergence_fwd (torch.compile traces it whole), its
+    gradients handed over; reduction='none' or the PyTorch-ops form, as an eager autograd
+    function (the rerun in backward replays the recorded statistics)."""
     if ws.shape[0] != wt.shape[0]:
         raise ValueError(f"student_weight and teacher_weight must hold the same vocabulary rows "
                          f"on each rank (one shard of the same columns), got {ws.shape[0]} and "
                          f"{wt.shape[0]} rows")
+    on = torch.is_grad_enabled()
+    args = (hs, ws, bs, ht.detach(), wt.detach(), None if bt is None else bt.detach(),
+            row_weight, ce_weight, labels, group.group_name, -1 if vocab_size is None
+            else vocab_size, kind, beta, skew, temperature, taid_t, t_scale, t_cap or 0.0,
+            backend, soft, hard, s_scale, s_cap or 0.0, chunk, entropy, weight_grad_fp32,
+            on and hs.requires_grad, on and ws.requires_grad,
+            on and bs is not None and bs.requires_grad)
+    if reduce and backend != "reference":
+        return torch.ops.kdkernels.vocab_parallel_fused_linear_divergence_fwd(*args)[:4]
+    return _fused_eager(reduce, *args)
+
+
+def _fused_parts(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, group_name, vocab_size,
+                 kind, beta, skew, temperature, taid_t, t_scale, t_cap, backend, soft, hard,
+                 s_scale, s_cap, chunk, entropy, weight_grad_fp32, grad_hidden, grad_weight,
+                 grad_bias, *, reduce):
+    """The step, the row statistics and the chunk loop's arguments of one call."""
+    group = D.resolve_group(group_name)
+    device = hs.device
     lay = D.layout(group, ws.shape[0], device)
-    vocab = check_vocab_size(vocab_size, lay.vocab, f"the vocabulary of the shards, {lay.vocab}")
+    vocab = check_vocab_size(None if vocab_size < 0 else vocab_size, lay.vocab,
+                             f"the vocabulary of the shards, {lay.vocab}")
     D.all_agree(group, "the rows and options (N, vocab_size, kind, temperature, beta, skew, "
                 "taid_t, reduce)", (hs.shape[0], vocab, ref.KINDS.index(ref.canonical_kind(
                     kind, beta, skew)), temperature, beta, skew,
-                    -1.0 if taid_t is None else taid_t, loop["reduce"]), device)
+                    -1.0 if taid_t is None else taid_t, reduce), device)
     store = RowStore(hs.shape[0], device)
     rows = ShardRows(lay, vocab, group, store)
     step = DivergenceShardStep(
-        ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab=rows.window,
-        t_scale=t_scale, t_cap=t_cap, group=group, store=store, backend=backend,
+        ht, wt, bt, vocab=rows.window, t_scale=t_scale, t_cap=t_cap, group=group, store=store,
+        backend=backend,
         options=dict(kind=kind, beta=beta, skew=skew, temperature=temperature, taid_t=taid_t))
-    return fused_linear(hs, ws, bs, step, rows, dict(
-        row_weight=row_weight, ce_weight=ce_weight, labels=labels, vocab=rows.window,
-        temperature=temperature, **loop))
+    loop = dict(row_weight=row_weight, ce_weight=ce_weight, labels=labels, vocab=rows.window,
+                temperature=temperature, reduce=reduce, soft=soft, hard=hard, s_scale=s_scale,
+                s_cap=s_cap, chunk=chunk, entropy=entropy, weight_grad_fp32=weight_grad_fp32)
+    need = dict(grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
+    return step, rows, need, loop
+
+
+@_eager
+def _fused_eager(reduce, hs, ws, bs, *args):
+    step, rows, need, loop = _fused_parts(hs, ws, bs, *args, reduce=reduce)
+    return _FusedLinear.apply(hs, ws, bs, step, rows, need, loop)
+
+
+@torch.library.custom_op("kdkernels::vocab_parallel_fused_linear_divergence_fwd", mutates_args=(),
+                         device_types=None)
+def vocab_parallel_fused_linear_divergence_fwd(
+        hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
+        bt: Optional[Tensor], row_weight: Tensor, ce_weight: Tensor, labels: Optional[Tensor],
+        group_name: str, vocab_size: int, kind: str, beta: float, skew: float,
+        temperature: float, taid_t: Optional[float], t_scale: float, t_cap: float, backend: str,
+        soft: float, hard: float, s_scale: float, s_cap: float, chunk: int, entropy: bool,
+        weight_grad_fp32: bool, grad_hidden: bool, grad_weight: bool,
+        grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A reduced loss: (loss, divergence, cross_entropy, entropy, dh, dWs, dbs) as
+    forward_outputs gives them (dh float32: summed over the ranks)."""
+    step, rows, need, loop = _fused_parts(
+        hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, group_name, vocab_size, kind,
+        beta, skew, temperature, taid_t, t_scale, t_cap, backend, soft, hard, s_scale, s_cap,
+        chunk, entropy, weight_grad_fp32, grad_hidden, grad_weight, grad_bias, reduce=True)
+    loop = dict(loop)
+    lw, cw, lab = (loop.pop(k) for k in ("row_weight", "ce_weight", "labels"))
+    return forward_outputs(hs, ws, bs, step, lw, cw, lab, vocab_rows=rows, **need, **loop)
+
+
+@vocab_parallel_fused_linear_divergence_fwd.register_fake
+def _fake_fused(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, group_name, vocab_size,
+                kind, beta, skew, temperature, taid_t, t_scale, t_cap, backend, soft, hard,
+                s_scale, s_cap, chunk, entropy, weight_grad_fp32, grad_hidden, grad_weight,
+                grad_bias):
+    out = list(fake_forward_outputs(hs, ws, reduce=True, grad_hidden=grad_hidden,
+                                    grad_weight=grad_weight, grad_bias=grad_bias,
+                                    weight_grad_fp32=weight_grad_fp32))
+    if grad_hidden:  # (summed over the ranks in float32: ShardRows.hidden_grad_dtype)
+        out[4] = hs.new_empty(hs.shape, dtype=torch.float32)
+    return tuple(out)
+
+
+def _setup_fused(ctx, inputs, output):
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    keep_for_hand_over(ctx, *output[4:])
+
+
+def _backward_fused(ctx, grad_loss, *_unused):
+    dh, dw, db = take_handed_over(ctx)
+    return (scale(dh, grad_loss, True, ctx.dtypes[0]), scale(dw, grad_loss, True, ctx.dtypes[1]),
+            scale(db, grad_loss, True, ctx.dtypes[1])) + (None,) * 26
+
+
+register_fake_and_autograd("vocab_parallel_fused_linear_divergence_fwd", None, _backward_fused,
+                           _setup_fused)
 
 
 # ----------------------------------------------------------- sparse teachers and top-k
