@@ -315,6 +315,23 @@ def test_world_of_one_equals_one_device(device, backend):
                                f"{backend} {kind} {dtype}: {name}",
                                rounding_units=2.0 if (backend, device) == ("triton", "cpu")
                                else 1.0)
+        if (device, backend) == ("cpu", "cpu"):  # the ops' schemas, fake kernels, autograd
+            name = dist.group.WORLD.group_name
+            s = torch.randn(5, 33, requires_grad=True)
+            t = torch.randn(5, 33)
+            w = torch.tensor([1.0, 0.0, 0.5, 1.0, 2.0])
+            for reduce in (True, False):
+                torch.library.opcheck(
+                    torch.ops.kdkernels.vocab_parallel_divergence_fwd.default,
+                    (s, t, w, name, "jsd", 2.0, 0.3, 0.1, None, reduce, True, False, "cpu"))
+            hs = torch.randn(5, 8, requires_grad=True)
+            ws = torch.randn(33, 8, requires_grad=True)
+            labels = torch.tensor([1, 0, 5, 32, 7])
+            torch.library.opcheck(
+                torch.ops.kdkernels.vocab_parallel_fused_linear_divergence_fwd.default,
+                (hs, ws, None, torch.randn(5, 8), torch.randn(33, 8), None, w, w / 2, labels,
+                 name, -1, "fkl", 0.5, 0.1, 1.5, None, 1.0, 0.0, "cpu", 1.0, 0.5, 1.0, 0.0, 2,
+                 True, True, True, True, False))
     finally:
         dist.destroy_process_group()
     if (device, backend) == ("cpu", "cpu"):
