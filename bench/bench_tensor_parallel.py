@@ -70,6 +70,7 @@ def _worker(rank, world, port, n, v, kind, impl, commands, replies):
             sent = _distributed.TRAFFIC["bytes"] if impl.startswith("kdkernels-vocab") \
                 else 2 * s.numel() * s.element_size()  # the two all_gathers' shards
             replies.put((rank, peak, sent))
+    dist.barrier()
     dist.destroy_process_group()
 
 

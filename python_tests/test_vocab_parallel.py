@@ -105,6 +105,7 @@ def _worker(rank, world, port, modes):
     try:
         for mode in modes:
             _run(rank, world, mode)
+        dist.barrier()  # (no rank tears its sockets down while a peer still reads from them)
     finally:
         dist.destroy_process_group()
 

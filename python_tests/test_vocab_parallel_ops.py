@@ -388,6 +388,7 @@ def _worker(rank, world, port, modes):
                 _run_compile(rank, world, lo, hi)
             elif mode == "errors":
                 _run_errors(rank, world, lo, hi)
+        dist.barrier()  # (no rank tears its sockets down while a peer still reads from them)
     finally:
         dist.destroy_process_group()
 
