@@ -93,10 +93,14 @@ def debug():
 
 def all_agree(group, what, values, device):
     """With KDKERNELS_DEBUG=1: ValueError unless every rank passed the same `values` (numbers:
-    shapes, options, a checksum of the labels...). Otherwise nothing (no collective)."""
+    shapes, options, a checksum of the labels...; or a function returning them, called only
+    then: no host sync otherwise). Otherwise nothing (no collective)."""
     if not debug():
         return
     import torch.distributed as dist  # noqa: PLC0415
+
+    if callable(values):
+        values = values()
 
     mine = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]

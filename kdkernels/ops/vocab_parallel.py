@@ -127,9 +127,10 @@ def _divergence_outputs(student, teacher, weight, group_name, kind, temperature,
     n, width = student.shape
     kept = weight != 0
     D.all_agree(group, "the rows and options (N, kept rows, kind, temperature, beta, skew, "
-                "taid_t, reduce)", (n, int(kept.sum()), ref.KINDS.index(ref.canonical_kind(
-                    kind, beta, skew)), temperature, beta, skew, -1.0 if taid_t is None
-                    else taid_t, reduce), student.device)
+                "taid_t, reduce, backend)", lambda: (
+                    n, int(kept.sum()), ref.KINDS.index(ref.canonical_kind(kind, beta, skew)),
+                    temperature, beta, skew, -1.0 if taid_t is None else taid_t, reduce,
+                    BACKENDS.index(backend)), student.device)
     options = dict(group=group, kind=kind, temperature=temperature, beta=beta, skew=skew,
                    taid_t=taid_t)
     need = (grad_student, grad_teacher)
@@ -211,6 +212,9 @@ def _chunks(n, width):
 # all-reduces): the shifts (row maxima) and log-normalizers of the student and the target,
 # whether the row has a distribution, and Σ_all G^q, Σ_all G^p.
 STATS = 7
+
+
+BACKENDS = ("reference", "cpu", "triton")  # what rows_into runs on (row_backend)
 
 
 def row_backend(backend, device, dtypes):
@@ -584,9 +588,10 @@ def _fused_parts(hs, ws, bs, ht, wt, bt, row_weight, ce_weight, labels, group_na
     vocab = check_vocab_size(None if vocab_size < 0 else vocab_size, lay.vocab,
                              f"the vocabulary of the shards, {lay.vocab}")
     D.all_agree(group, "the rows and options (N, vocab_size, kind, temperature, beta, skew, "
-                "taid_t, reduce)", (hs.shape[0], vocab, ref.KINDS.index(ref.canonical_kind(
-                    kind, beta, skew)), temperature, beta, skew,
-                    -1.0 if taid_t is None else taid_t, reduce), device)
+                "taid_t, reduce, backend, chunk_size)", lambda: (
+                    hs.shape[0], vocab, ref.KINDS.index(ref.canonical_kind(kind, beta, skew)),
+                    temperature, beta, skew, -1.0 if taid_t is None else taid_t, reduce,
+                    BACKENDS.index(backend), chunk), device)
     store = RowStore(hs.shape[0], device)
     rows = ShardRows(lay, vocab, group, store)
     step = DivergenceShardStep(
@@ -715,9 +720,9 @@ class SparseShardStep:
             lse_c = torch.where(sums[:, 1] > 0, float("nan"), off_max.double() + sums[:, 0].log())
             zi = maxima[:, 1:].double()
             self.store.put("sparse", ids, torch.cat([shift.double()[:, None], lse_c[:, None],
-                                                      zi], 1))
+                                                      off_max.double()[:, None], zi], 1))
         else:
-            lse_c, zi = saved[:, 1], saved[:, 2:]
+            lse_c, off_max, zi = saved[:, 1], saved[:, 2].float(), saved[:, 3:]
         loss, on, coef = entry_math(zi, lse_c, lp, **self.math)
         w = w.double()
         live = w != 0
@@ -725,9 +730,12 @@ class SparseShardStep:
             loss_out.copy_(torch.where(live, loss * w, 0.0))
         if g is None:
             return
-        # coef·e^(x − lse_c) off the real entries (0 at them: x = −inf there), then the entries
-        factor = torch.where(live & (coef != 0), coef * w, 0.0)
-        x.sub_(torch.where(torch.isfinite(lse_c), lse_c, 0.0).float()[:, None]).exp_()
+        # coef·e^(x − lse_c) off the real entries (0 at them: x = −inf there), as
+        # e^(x − max)·(coef·e^(max − lse_c)), the factor formed in float64 (ops/sparse.py
+        # gradient_), then the entries
+        factor = torch.where(live & (coef != 0),
+                             coef * w * (off_max.double() - lse_c).exp(), 0.0)
+        x.sub_(off_max[:, None]).exp_()
         x.mul_(factor.float()[:, None])
         if width:
             x.scatter_add_(1, cols, torch.where(live[:, None] & own, on * w[:, None],
