@@ -178,6 +178,30 @@ inline Vec load_padded(const float* src, int64_t j, int64_t V) {
   return Vec::set(Vec(kNegInf), Vec::loadu(src + j, V - j), V - j);
 }
 
+// Row i of both inputs → fp32 scratch X (P's side) and Y (Q's side), the student's and the
+// teacher's in either order (swap), padded with −inf to Vp; TAID's target λ·t + (1−λ)·s
+// formed (0 < λ < 1: −inf entries stay −inf); the rows' maxima.
+inline void load_rows(const DivergenceParams& p, int64_t i, int64_t Vp, float* X, float* Y,
+                      float& max_s, float& max_t) {
+  const int64_t V = p.vocab;
+  float* student_row = p.swap ? X : Y;
+  float* teacher_row = p.swap ? Y : X;
+  const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, student_row);
+  const float* t_in = row_as_float(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, teacher_row);
+  Vec ms(kNegInf), mt(kNegInf);
+  for (int64_t j = 0; j < Vp; j += kW) {
+    Vec s = load_padded(s_in, j, V), t = load_padded(t_in, j, V);
+    if (p.taid) t = p.lam == 0.f ? s : Vec(p.lam) * t + Vec(1.f - p.lam) * s;
+    s.store(student_row + j);
+    t.store(teacher_row + j);
+    ms = at::vec::maximum(ms, s);
+    mt = at::vec::maximum(mt, t);
+  }
+  auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
+  max_s = at::vec::vec_reduce_all<float>(vmax, ms);
+  max_t = at::vec::vec_reduce_all<float>(vmax, mt);
+}
+
 template <int64_t kMode>
 void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
   // Rows are padded to Vp, a multiple of two vectors (two accumulators hide add latency).
@@ -198,26 +222,9 @@ void rows_mode(const DivergenceParams& p, int64_t begin, int64_t end) {
       if (grad_t) zero_row_any(p.grad_teacher_dtype, p.grad_teacher, i, V);
       continue;
     }
-    // pass 1: rows → fp32 scratch (student and teacher rows are X, Y in either order), padded
-    // with −inf; TAID; maxima. This is the one read of the inputs from memory.
-    float* student_row = p.swap ? X : Y;
-    float* teacher_row = p.swap ? Y : X;
-    const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, student_row);
-    const float* t_in = row_as_float(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, teacher_row);
-    Vec ms(kNegInf), mt(kNegInf);
-    for (int64_t j = 0; j < Vp; j += kW) {
-      Vec s = load_padded(s_in, j, V), t = load_padded(t_in, j, V);
-      if (p.taid) {  // TAID target λ·t + (1−λ)·s (0 < λ < 1: −inf entries stay −inf)
-        t = p.lam == 0.f ? s : Vec(p.lam) * t + Vec(1.f - p.lam) * s;
-      }
-      s.store(student_row + j);
-      t.store(teacher_row + j);
-      ms = at::vec::maximum(ms, s);
-      mt = at::vec::maximum(mt, t);
-    }
-    auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
-    const float max_s = at::vec::vec_reduce_all<float>(vmax, ms);
-    const float max_t = at::vec::vec_reduce_all<float>(vmax, mt);
+    // pass 1: rows → fp32 scratch, TAID, maxima. This is the one read of the inputs from memory.
+    float max_s, max_t;
+    load_rows(p, i, Vp, X, Y, max_s, max_t);
     const float mx = p.swap ? max_s : max_t, my = p.swap ? max_t : max_s;
 
     // pass 2: exponentials and log-sum-exps
@@ -384,24 +391,11 @@ void shard_rows_mode(const DivergenceParams& p, int64_t phase, double* stats, in
       }
       continue;
     }
-    // The rows in fp32 (TAID's target formed), X the P side, Y the Q side, padded with −inf.
+    float max_s, max_t;
+    load_rows(p, i, Vp, X, Y, max_s, max_t);
     float* student_row = p.swap ? X : Y;
     float* teacher_row = p.swap ? Y : X;
-    const float* s_in = row_as_float(p.student_dtype, p.student, p.student_stride, i, V, student_row);
-    const float* t_in = row_as_float(p.teacher_dtype, p.teacher, p.teacher_stride, i, V, teacher_row);
-    Vec ms(kNegInf), mt(kNegInf);
-    for (int64_t j = 0; j < Vp; j += kW) {
-      Vec s = load_padded(s_in, j, V), t = load_padded(t_in, j, V);
-      if (p.taid) t = p.lam == 0.f ? s : Vec(p.lam) * t + Vec(1.f - p.lam) * s;
-      s.store(student_row + j);
-      t.store(teacher_row + j);
-      ms = at::vec::maximum(ms, s);
-      mt = at::vec::maximum(mt, t);
-    }
     if (phase == kShardLocal) {  // this shard's maxima and Σ e^((x − max)/T), per side
-      auto vmax = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
-      const float max_s = at::vec::vec_reduce_all<float>(vmax, ms);
-      const float max_t = at::vec::vec_reduce_all<float>(vmax, mt);
       const float shift_s = max_s == kNegInf ? 0.f : max_s, shift_t = max_t == kNegInf ? 0.f : max_t;
       Vec zs(0.f), zt(0.f);
       for (int64_t j = 0; j < Vp; j += kW) {

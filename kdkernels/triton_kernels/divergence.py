@@ -120,6 +120,27 @@ def _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y, mix, log_w
 
 
 @triton.jit
+def _gradient_sweep(S, T, GP, GQ, V, offs, v_live, live, lam, m_x, m_y, inv_t, log_z_x, log_z_y,
+                    inv_z_x, inv_z_y, mix, log_w, log_1mw, c_p, c_q, sum_up, sum_uq, p_factor,
+                    q_factor, MODE: tl.constexpr, SWAP: tl.constexpr, TAID: tl.constexpr,
+                    NEED_P: tl.constexpr, NEED_Q: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 3 over one row: g_P = c_P·(U_P − P·ΣU_P), g_Q = c_Q·(U_Q − Q·ΣU_Q), each times
+    its factor (w·d(logits/T)/d(logits)), into GP / GQ in their dtype."""
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        msk = cols < V
+        x, y = _load_pq(S, T, cols, v_live, live, lam, SWAP, TAID)
+        p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y,
+                                  mix, log_w, log_1mw, MODE)
+        if NEED_P:
+            g = tl.where(live, c_p * (up - p * sum_up) * p_factor, 0.0)
+            tl.store(GP + cols, g.to(GP.dtype.element_ty), mask=msk)
+        if NEED_Q:
+            g = tl.where(live, c_q * (uq - q * sum_uq) * q_factor, 0.0)
+            tl.store(GQ + cols, g.to(GQ.dtype.element_ty), mask=msk)
+
+
+@triton.jit
 def _divergence_fwd_kernel(
     S, T, W, LOSS, GS, GT,
     s_stride, t_stride, gs_stride, gt_stride, V,
@@ -191,18 +212,9 @@ def _divergence_fwd_kernel(
 
     # sweep 3: the gradients
     if (NEED_P or NEED_Q) and not FUSED_Q:
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            msk = cols < V
-            x, y = _load_pq(S, T, cols, v_live, live, lam, SWAP, TAID)
-            p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x, inv_z_y,
-                                      mix, log_w, log_1mw, MODE)
-            if NEED_P:
-                g = tl.where(live, c_p * (up - p * sum_up) * p_factor, 0.0)
-                tl.store(GP + cols, g.to(GP.dtype.element_ty), mask=msk)
-            if NEED_Q:
-                g = tl.where(live, c_q * (uq - q * sum_uq) * q_factor, 0.0)
-                tl.store(GQ + cols, g.to(GQ.dtype.element_ty), mask=msk)
+        _gradient_sweep(S, T, GP, GQ, V, offs, v_live, live, lam, m_x, m_y, inv_t, log_z_x,
+                        log_z_y, inv_z_x, inv_z_y, mix, log_w, log_1mw, c_p, c_q, sum_up, sum_uq,
+                        p_factor, q_factor, MODE, SWAP, TAID, NEED_P, NEED_Q, BLOCK)
 
 
 @triton.jit
@@ -289,18 +301,9 @@ def _divergence_shard_kernel(
         else:
             sum_up = tl.load(STATS + 5).to(tl.float32)
             sum_uq = tl.load(STATS + 6).to(tl.float32)
-            for start in range(0, V, BLOCK):
-                cols = start + offs
-                msk = cols < V
-                x, y = _load_pq(S, T, cols, v_live, live, lam, SWAP, TAID)
-                p, q, up, uq, el = _terms(x, y, m_x, m_y, inv_t, log_z_x, log_z_y, inv_z_x,
-                                          inv_z_y, mix, log_w, log_1mw, MODE)
-                if NEED_P:
-                    g = tl.where(live, c_p * (up - p * sum_up) * p_factor, 0.0)
-                    tl.store(GP + cols, g.to(GP.dtype.element_ty), mask=msk)
-                if NEED_Q:
-                    g = tl.where(live, c_q * (uq - q * sum_uq) * q_factor, 0.0)
-                    tl.store(GQ + cols, g.to(GQ.dtype.element_ty), mask=msk)
+            _gradient_sweep(S, T, GP, GQ, V, offs, v_live, live, lam, m_x, m_y, inv_t, log_z_x,
+                            log_z_y, inv_z_x, inv_z_y, mix, log_w, log_1mw, c_p, c_q, sum_up,
+                            sum_uq, p_factor, q_factor, MODE, SWAP, TAID, NEED_P, NEED_Q, BLOCK)
 
 
 def divergence_shard_rows(student, teacher, row_weight, mode, swap, mix, temperature, taid, phase,
