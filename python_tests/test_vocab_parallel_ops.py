@@ -295,6 +295,17 @@ def _run_compile(rank, world, lo, hi):
     group = dist.group.WORLD
     ht, wt = tensors["ht"], tensors["wt"][lo:hi]
 
+    def same_as_eager(eager, compiled):  # loss and gradients of a step, both ways
+        results = []
+        for fn in (eager, compiled):
+            hs = tensors["hs"].clone().requires_grad_(True)
+            ws = tensors["ws"][lo:hi].clone().requires_grad_(True)
+            loss = fn(hs, ws)
+            loss.backward()
+            results.append((loss.detach(), hs.grad, ws.grad))
+        for x, y in zip(*results):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
     def step(hs, ws):
         h = torch.tanh(hs)
         return (kdkernels.fused_linear_divergence(h, ws, ht, wt, labels=labels, kind="jsd",
@@ -303,15 +314,7 @@ def _run_compile(rank, world, lo, hi):
                 + kdkernels.divergence(h @ ws.T, ht @ wt.T, temperature=2.0, process_group=group)
                 + kdkernels.fused_linear_sparse_divergence(h, ws, lp, idx, process_group=group))
 
-    results = []
-    for fn in (step, torch.compile(step)):
-        hs = tensors["hs"].clone().requires_grad_(True)
-        ws = tensors["ws"][lo:hi].clone().requires_grad_(True)
-        loss = fn(hs, ws)
-        loss.backward()
-        results.append((loss.detach(), hs.grad, ws.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    same_as_eager(step, torch.compile(step))
 
     # The divergence and the reduced fused one on the split kernels are opaque ops:
     # fullgraph=True traces them.
@@ -323,15 +326,7 @@ def _run_compile(rank, world, lo, hi):
                                                     hard_label_weight=0.5, kind="rkl",
                                                     student_softcap=5.0, process_group=group))
 
-    results = []
-    for fn in (logits_step, torch.compile(logits_step, fullgraph=True)):
-        hs = tensors["hs"].clone().requires_grad_(True)
-        ws = tensors["ws"][lo:hi].clone().requires_grad_(True)
-        loss = fn(hs, ws)
-        loss.backward()
-        results.append((loss.detach(), hs.grad, ws.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    same_as_eager(logits_step, torch.compile(logits_step, fullgraph=True))
 
 
 def _run_errors(rank, world, lo, hi):

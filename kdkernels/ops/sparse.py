@@ -233,6 +233,12 @@ def topk_lower_index(x, k):
     return vals, ids.gather(1, order)
 
 
+def logits_chunk(vocab, device):
+    """Rows per chunk of logits_loop: one (chunk, vocab) float32 buffer in LOGITS_CHUNK_BUDGET."""
+    budget = LOGITS_CHUNK_BUDGET["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, budget // (4 * max(vocab, 1)))
+
+
 def logits_loop(logits, step, row_weight, *, chunk, grad, out_dtype=None):
     """The chunk loop of the ops that take logits (N, V): each chunk of kept rows copied into
     one float32 buffer (cache-sized: LOGITS_CHUNK_BUDGET), the step run on it, its gradient
@@ -253,8 +259,7 @@ def logits_loop(logits, step, row_weight, *, chunk, grad, out_dtype=None):
     step = step.select(pick)
     w_k = pick(row_weight).float()
     loss_k = loss if idx is None else torch.empty(k, dtype=torch.float32, device=device)
-    budget = LOGITS_CHUNK_BUDGET["cuda" if device.type == "cuda" else "cpu"]
-    chunk = min(chunk or max(1, budget // (4 * vocab)), k)
+    chunk = min(chunk or logits_chunk(vocab, device), k)
     buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
     for a in range(0, k, chunk):
         rows = slice(a, min(a + chunk, k))

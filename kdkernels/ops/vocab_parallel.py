@@ -63,7 +63,7 @@ from ._hand_over import keep_for_hand_over, scale, take_handed_over
 from ._register import register_fake_and_autograd
 from .fused_linear import (FullRows, Side, backward_outputs, fake_forward_outputs,
                            forward_outputs, run)
-from .sparse import (LOGITS_CHUNK_BUDGET, check_teacher, entry_math, logits_loop,
+from .sparse import (check_teacher, entry_math, logits_chunk, logits_loop,
                      topk_lower_index, topk_outputs)
 
 # The vocabulary-parallel ops run eagerly under torch.compile: one graph break at each
@@ -794,8 +794,7 @@ class TopKShardStep:
 
 def _logits_chunk(chunk, lay, device):
     """Rows per chunk of the logits ops, the same on every rank (the widest shard's budget)."""
-    budget = LOGITS_CHUNK_BUDGET["cuda" if device.type == "cuda" else "cpu"]
-    return chunk or max(1, budget // (4 * max(max(lay.widths), 1)))
+    return chunk or logits_chunk(max(lay.widths), device)
 
 
 @_eager
