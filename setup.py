@@ -80,7 +80,8 @@ def extension():
     if with_cuda():
         archs = cuda_archs()
         print(f"kdkernels: building the CUDA kernels for {archs}")
-        sources += ["csrc/cuda/divergence.cu", "csrc/cuda/divergence_glue.cpp"]
+        # One translation unit per mode (divergence_<mode>.cu): they compile side by side.
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/divergence_glue.cpp"]
         cuda_home = find_cuda_home()
         # A CPU-only torch knows no CUDA_HOME; BuildExtension compiles .cu files with the nvcc
         # under this one.

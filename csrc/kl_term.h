@@ -27,11 +27,14 @@ KDK_HOST_DEVICE inline F phi_series(const F& v) {
   return poly * v + F(0.5f);
 }
 
+// Both forms computed and one selected (no branches: on a GPU the lanes of a warp take both
+// anyway); NaN v selects the direct form, which is NaN.
 template <typename F>
 KDK_HOST_DEVICE inline F kl_term(F x, F y, F v) {
-  if (!(x > F(0))) return y;
-  if (v >= F(0.5) || v <= F(-0.5)) return x * (v - F(1)) + y;
-  return y * phi_series(v) * v * v;
+  const F series = y * (v * v) * phi_series(v);
+  const F direct = x * (v - F(1)) + y;
+  const F term = (v < F(0.5) && v > F(-0.5)) ? series : direct;
+  return x > F(0) ? term : y;
 }
 
 }  // namespace kdkernels

@@ -202,3 +202,35 @@ def test_emulated_cuda_temperature_range_ends(emulated, kind, params, end, kerne
         t = logits((4, 1003), torch.float32, "cpu", seed=68, scale=1.0)
     compare(emulated, s, t, torch.full((4,), 0.5), kind, params, temperature=temperature,
             kernel=kernel)
+
+
+PRECISION_CASES = [pytest.param(kind, params, case, id=f"{spec_id}-{case}")
+                   for (kind, params), spec_id in zip(KIND_SPECS, SPEC_IDS)
+                   for case in ("extreme", "extreme_max_t", "near", "identical")
+                   if not (kind == "tvd" and case == "extreme_max_t")]
+
+
+@pytest.mark.parametrize("kind,params,case", PRECISION_CASES)
+def test_emulated_cuda_precision_edges(emulated, kind, params, case):
+    """The cases where the kernels' arithmetic is shortest, against the reference: |logits| up
+    to 1e4 (at T = 0.5 and at the largest T), distributions close to each other (T = 10:
+    terms that would cancel), and identical ones (every loss and gradient 0). TVD is left
+    out at the largest T (as in test_divergence's test_large_logits_at_large_temperature):
+    both rows are then nearly one-hot, its gradient is c·P·(±1 − ΣU_P) with ΣU_P = 1 − 1e-14,
+    and which fp32 summation order lands ΣU_P on 1.0 exactly is luck (the reference's does;
+    an ulp off is 3e-10 where the tolerance, scaled by the 1e-16 gradient, is 1e-12)."""
+    if case == "identical":
+        s = logits((3, 333), torch.float32, "cpu", seed=71)
+        mode, swap, mix = kernel_args(kind, params.get("beta", 0.5), params.get("skew", 0.1))
+        loss, gs, gt = emulated.divergence_fwd(s, s.clone(), torch.ones(3), mode, swap, mix, 1.0,
+                                               1.0, True, True, 0)
+        assert loss.abs().max() < 1e-6 and gs.abs().max() < 1e-6 and gt.abs().max() < 1e-6
+        return
+    scale, temperature = {"extreme": (3000.0, 0.5), "extreme_max_t": (3000.0, None),
+                          "near": (1.0, 10.0)}[case]
+    temperature = temperature or kdkernels._plumbing.TEMPERATURE_MAX
+    s = logits((4, 600), torch.float32, "cpu", seed=72, scale=scale).clamp(-1e4, 1e4)
+    t = logits((4, 600), torch.float32, "cpu", seed=73, scale=scale).clamp(-1e4, 1e4)
+    if case == "near":
+        t = s + 0.05 * t
+    compare(emulated, s, t, torch.full((4,), 0.5), kind, params, temperature=temperature)

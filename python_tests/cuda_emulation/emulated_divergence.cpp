@@ -1,9 +1,13 @@
-// The CUDA divergence kernels (csrc/cuda/divergence.cu), compiled for the CPU through the
+// The CUDA divergence kernels (csrc/cuda/divergence*.cu), compiled for the CPU through the
 // emulation headers beside this file, exposed to Python for test_cuda_emulated.py.
 #include <torch/extension.h>
 
 #define KDKERNELS_CUDA_EMULATION 1
 #include "divergence.cu"
+#include "divergence_jsd.cu"
+#include "divergence_kl.cu"
+#include "divergence_skew.cu"
+#include "divergence_tvd.cu"
 #include "divergence_args.h"
 
 std::vector<at::Tensor> emulated_divergence_fwd(const at::Tensor& student, const at::Tensor& teacher,
@@ -33,7 +37,7 @@ void emulated_divergence_rows_out(const at::Tensor& student, const at::Tensor& t
 // The number of cluster ranks the launcher plans for a row (0: the streaming kernel).
 int64_t cluster_ranks(int64_t vocab, int64_t student_elem, int64_t teacher_elem, int64_t vec,
                       int64_t n_rows, int64_t budget) {
-  return kdkernels::cuda::plan_cluster(vocab, student_elem, teacher_elem, static_cast<int>(vec),
+  return kdkernels::cuda::detail::plan_cluster(vocab, student_elem, teacher_elem, static_cast<int>(vec),
                                        n_rows, budget).ranks;
 }
 

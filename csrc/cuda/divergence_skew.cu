@@ -1,0 +1,6 @@
+// The CUDA divergence kernels of mode kSkew (csrc/cuda/divergence_kernels.cuh), a translation unit
+// of their own so that the four modes compile side by side.
+#include "divergence_kernels.cuh"
+
+template cudaError_t kdkernels::cuda::launch_mode<kdkernels::cuda::kSkew>(
+    const kdkernels::cuda::DivergenceArgs&, cudaStream_t);
