@@ -5,7 +5,7 @@ memory. Run:  pytest bench/ --benchmark-only   (the closing table prints ratios)
 CPU default: fp32, N=2048, V=32000, fkl and jsd, fwd and fwd+bwd, backend "auto" (cpu).
 GPU default: fwd+bwd, N=8192, bf16 at V=32000/128256/262144 and fp32 at V=128256, fkl/jsd/tvd;
 kdkernels' triton and cuda backends side by side (each when available), the cuda backend also
-with its opt-in cluster kernel (kdkernels-cuda-cluster, sm_90+: see csrc/cuda/divergence.cu).
+with its opt-in cluster kernel (kdkernels-cuda-cluster, sm_90+: see csrc/cuda/divergence_kernels.cuh).
 Overrides:
 KDK_BENCH_CASES ("bfloat16:8192x128256,float32:2048x32000"), KDK_BENCH_KINDS ("fkl,jsd"),
 KDK_BENCH_MODES ("fwd,fwd+bwd"), KDK_HBM_GBPS (peak bandwidth, for the % column)."""

@@ -1,4 +1,4 @@
-"""The CUDA kernels' logic, run on the CPU: csrc/cuda/divergence.cu compiled with g++ through
+"""The CUDA kernels' logic, run on the CPU: csrc/cuda/divergence*.cu compiled with g++ through
 python_tests/cuda_emulation/ (each CUDA thread a std::thread, __syncthreads a barrier, warp
 shuffles through shared memory, the blocks of a cluster concurrent with their own shared
 memory), compared with the float64 reference exactly as every backend is in

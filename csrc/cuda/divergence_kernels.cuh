@@ -14,10 +14,12 @@
 //            holds the row in its blocks' shared memory, so HBM sees each logit once: the
 //            bytes the math must move. Rows up to 16 · 200 KiB of logits.
 //
-// The kernels are bound by instruction issue, not HBM, on an H200, so the sweeps are written
-// for few instructions per logit (bench/sass_count.py counts them in the SASS):
+// On an H200 the kernels were bound by instruction issue, not HBM (bench/results/
+// 2026-11-29-h200.md), so the sweeps are written for few instructions per logit
+// (bench/sass_count.py counts them in the SASS):
 // - The host orients the rows (PQArgs): the kernels read P and Q, never "student or teacher,
-//   whichever swap says", and TAID's mixing is a compile-time branch of its own.
+//   whichever swap says"; TAID's mixing and the gradients wanted are compile-time variants
+//   of the sweeps (Variant).
 // - Every vector a thread loads is whole: 16 bytes (VEC elements) when the host found every
 //   row aligned and V a multiple of VEC, else single elements; there is no partial vector.
 // - fp32 math, logits in input units (after TAID) with 1/T as a factor, so no division per
@@ -394,7 +396,7 @@ __device__ __forceinline__ float row_sweeps(const DivergenceArgs& a, const PQArg
   st.log_1mw = log1pf(-a.mix);
   const float q_factor = w * o.q_factor, p_factor = w * o.p_factor;
 
-  // sweep 2: the loss and ΣU; KL with only Q's gradient wanted writes it here (kFused)
+  // sweep 2: the loss and ΣU; KL with only Q's gradient wanted writes it here (fused)
   float loss = 0.f, sum_up = 0.f, sum_uq = 0.f;
   auto sweep2 = [&](auto fused) {
     for (int j = first; j < n; j += step) {
