@@ -36,6 +36,9 @@ struct DivergenceArgs {
   int64_t smem_row_budget;
 };
 
+// Rows longer than this are refused (the kernels index a row with 32-bit integers).
+constexpr int64_t kMaxVocab = int64_t(1) << 30;
+
 // Gradients come in the input's dtype, except fp16 ones, in fp32 (see csrc/cpu/divergence.h).
 inline DType grad_dtype(DType input) {
   return input == DType::kFloat16 ? DType::kFloat32 : input;

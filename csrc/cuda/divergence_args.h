@@ -39,6 +39,8 @@ inline void check_logits(const at::Tensor& student, const at::Tensor& teacher, i
                 "kdkernels.divergence_fwd: logits must have unit stride along V");
   }
   TORCH_CHECK(student.sizes() == teacher.sizes(), "kdkernels.divergence_fwd: shapes differ");
+  TORCH_CHECK(student.size(1) <= kMaxVocab, "kdkernels.divergence_fwd (cuda): rows of at most ",
+              kMaxVocab, " logits, got ", student.size(1));
   TORCH_CHECK(student.device() == teacher.device(), "kdkernels.divergence_fwd: devices differ");
   TORCH_CHECK(mode >= kKL && mode <= kTVD, "kdkernels.divergence_fwd: unknown mode ", mode);
 }

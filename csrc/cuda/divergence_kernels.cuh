@@ -45,9 +45,6 @@ namespace kdkernels::cuda {
 template <int kMode>
 cudaError_t launch_mode(const DivergenceArgs& a, cudaStream_t stream);
 
-// Rows longer than this are refused (the kernels index a row with 32-bit integers).
-constexpr int64_t kMaxVocab = int64_t(1) << 30;
-
 namespace detail {
 
 constexpr float kNegInf = -INFINITY;
@@ -238,14 +235,15 @@ __device__ __forceinline__ Terms terms(float x, float y, const RowStats& st, flo
 // ---------------------------------------------------------------- block reductions
 // Sums of exponentials in input units: z = Σ 2^((x − m)·c2) with c2 = log2(e)/T.
 // A NaN in z (a NaN or +inf logit was seen) survives every merge: the NaN rule. The merge is
-// symmetric in its two pairs, so every lane of a butterfly ends with the same bits.
+// symmetric in its two pairs (both products rounded, never contracted into an FMA), so every
+// lane of a butterfly ends with the same bits.
 __device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2, float c2) {
   const float mn = fmaxf(m, m2);
   if (mn == kNegInf) {  // both empty: z and z2 are 0, or NaN
     z += z2;
     return;
   }
-  z = z * fast_exp2((m - mn) * c2) + z2 * fast_exp2((m2 - mn) * c2);
+  z = __fmul_rn(z, fast_exp2((m - mn) * c2)) + __fmul_rn(z2, fast_exp2((m2 - mn) * c2));
   m = mn;
 }
 
@@ -263,7 +261,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Block-wide merge of per-thread (max, sum-exp) pairs; every thread gets the result: each
 // warp merges its lanes, then every warp merges the warps' results (lane k takes warp k's).
-__device__ void block_lse(float& m, float& z, float c2, float* smem) {
+__device__ __forceinline__ void block_lse(float& m, float& z, float c2, float* smem) {
   warp_lse(m, z, c2);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   __syncthreads();  // smem may still be read from a previous reduction
@@ -278,7 +276,7 @@ __device__ void block_lse(float& m, float& z, float c2, float* smem) {
 }
 
 // Block-wide sum; every thread gets the result.
-__device__ float block_sum(float v, float* smem) {
+__device__ __forceinline__ float block_sum(float v, float* smem) {
   v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   __syncthreads();
@@ -292,15 +290,15 @@ __device__ float block_sum(float v, float* smem) {
 // shift and a mask of their 32-bit word, one instruction per logit.
 template <int VEC, typename T>
 __device__ __forceinline__ void load_vec(const T* at, float (&v)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(at);
   if constexpr (std::is_same_v<T, __nv_bfloat16> && VEC % 2 == 0) {
-    const auto* w = reinterpret_cast<const unsigned*>(&pk);
+    const Pack<unsigned, VEC / 2> w = *reinterpret_cast<const Pack<unsigned, VEC / 2>*>(at);
 #pragma unroll
     for (int i = 0; i < VEC / 2; ++i) {
-      v[2 * i] = __uint_as_float(w[i] << 16);
-      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      v[2 * i] = __uint_as_float(w.v[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w.v[i] & 0xffff0000u);
     }
   } else {
+    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(at);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = Elem<T>::load(pk.v[i]);
   }
@@ -753,9 +751,13 @@ template <int kMode, typename TP, typename TQ>
 cudaError_t launch_pq(const DivergenceArgs& a, cudaStream_t stream) {
   constexpr int kVec = 16 / (sizeof(TP) > sizeof(TQ) ? sizeof(TP) : sizeof(TQ));
   const PQArgs o = orient(a);
+  using GP = typename GradOf<TP>::type;
+  using GQ = typename GradOf<TQ>::type;
   const bool vec_ok = aligned(o.p, o.p_stride, sizeof(TP), kVec) &&
                       aligned(o.q, o.q_stride, sizeof(TQ), kVec) &&
-                      a.vocab % kVec == 0;  // whole vectors; gradient rows (stride V) aligned too
+                      (o.gp == nullptr || aligned(o.gp, a.vocab, sizeof(GP), kVec)) &&
+                      (o.gq == nullptr || aligned(o.gq, a.vocab, sizeof(GQ), kVec)) &&
+                      a.vocab % kVec == 0;  // whole vectors
   const int64_t chunks = (a.vocab + kVec - 1) / kVec;  // vectors per row
   if (chunks <= 64) {  // short rows: one warp each, 8 per block
     constexpr int kRowsPerBlock = 8;

@@ -31,6 +31,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : "invalid value";
 }
 [[noreturn]] inline void __trap() { std::abort(); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
