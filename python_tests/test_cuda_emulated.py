@@ -30,9 +30,11 @@ def emulated():
     from torch.utils.cpp_extension import load  # noqa: PLC0415
 
     emu = os.path.join(HERE, "cuda_emulation")
-    return load(name="kdk_cuda_emulated", sources=[os.path.join(emu, "emulated_divergence.cpp")],
+    sources = ["emulated_divergence.cpp"] + [f"emulated_{m}.cpp" for m in ("kl", "skew", "jsd", "tvd")]
+    return load(name="kdk_cuda_emulated", sources=[os.path.join(emu, f) for f in sources],
                 extra_include_paths=[emu, CSRC_CUDA],
-                extra_cflags=["-O1", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"],
+                extra_cflags=["-O1", "-std=c++20", "-pthread", "-Wno-unknown-pragmas",
+                              "-DKDKERNELS_CUDA_EMULATION=1"],
                 extra_ldflags=["-pthread"])
 
 

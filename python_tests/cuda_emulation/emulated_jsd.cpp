@@ -1,0 +1,2 @@
+// Mode jsd's CUDA kernels compiled for the CPU (see emulated_divergence.cpp).
+#include "divergence_jsd.cu"

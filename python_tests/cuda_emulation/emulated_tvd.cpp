@@ -1,0 +1,2 @@
+// Mode tvd's CUDA kernels compiled for the CPU (see emulated_divergence.cpp).
+#include "divergence_tvd.cu"
